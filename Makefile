@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both install everything first.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STACK := $(PY) infra/stack.py
+
+.PHONY: install demo stack stack-s3 down status test
+
+# torch is pinned in the same pip command as everything that depends on it, so pip takes the CPU wheel
+# on disk instead of resolving a multi-GB CUDA build.
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install -q torch==2.13.0 -e '.[dev]'
+	$(PY) infra/fetch_models.py
+	touch $@
+
+install: .venv/.installed
+
+stack: install
+	$(STACK) up --s3
+
+down:
+	$(STACK) down
+
+status:
+	$(STACK) status
+
+demo: stack
+	$(PY) infra/demo.py
+
+test: install
+	$(PY) -m pytest -q

@@ -1,0 +1,87 @@
+"""The `pretrain` flow: one Prefect task per stage, named after it, so the UI's graph reads as the pipeline.
+
+Thin by design: every task calls a stage's `run` from `stages/`, sends its log lines to the Prefect logger,
+and turns the stats the stage returns into a table artifact. Skipping finished work is the stages' job (their
+manifests), not Prefect's result cache, so a rerun from the UI, the CLI or a plain Python call behaves the
+same. The config is loaded and the inputs checked before the first task, so a bad config fails before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from stages import dedup, evaluate, filter, ingest, launch, tokenize, tokenizer
+from stages.config import PipelineConfig, load_config
+from stages.preflight import preflight
+
+
+def _rows(stats: dict, prefix: str = "") -> list[dict[str, str]]:
+    rows = []
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            rows += _rows(value, f"{prefix}{key}.")
+        else:
+            rows.append({"metric": f"{prefix}{key}", "value": json.dumps(value) if not isinstance(value, str) else value})
+    return rows
+
+
+def _report(stage: str, stats: dict) -> dict:
+    logger = get_run_logger()
+    logger.info("%s stats: %s", stage, json.dumps(stats, sort_keys=True, default=str))
+    create_table_artifact(key=f"{stage}-stats", table=_rows(stats), description=f"{stage}: what the stage did")
+    return stats
+
+
+def _stage_task(name: str, stage_run):
+    @task(name=name, cache_policy=NO_CACHE)
+    def run_stage_task(cfg: PipelineConfig) -> dict:
+        return _report(name, stage_run(cfg, log=get_run_logger().info))
+
+    return run_stage_task
+
+
+ingest_task = _stage_task("ingest", ingest.run)
+filter_task = _stage_task("filter", filter.run)
+dedup_task = _stage_task("dedup", dedup.run)
+tokenizer_task = _stage_task("tokenizer", tokenizer.run)
+tokenize_task = _stage_task("tokenize", tokenize.run)
+evaluate_task = _stage_task("evaluate", evaluate.run)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(cfg: PipelineConfig) -> dict:
+    # The torchrun children's output streams line by line into this task's log.
+    return _report("train", launch.run_training(cfg, on_line=get_run_logger().info))
+
+
+def funnel(stats: dict[str, dict]) -> str:
+    lines = ["| step | documents | bytes | tokens |", "|---|---:|---:|---:|"]
+    lines.append(f"| raw | {stats['ingest']['records_in']} | | |")
+    for stage in ("ingest", "filter", "dedup"):
+        lines.append(f"| {stage} | {stats[stage]['docs_out']} | {stats[stage]['bytes_out']} | |")
+    tokens = stats["tokenize"]["tokens"]
+    lines.append(f"| tokenize | {stats['tokenize']['docs_in']} | | {tokens.get('train', 0)} train / {tokens.get('val', 0)} val |")
+    return "\n".join(lines)
+
+
+@flow(name="pretrain")
+def pretrain(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> dict:
+    cfg = load_config(preset, overrides)
+    preflight(cfg)
+    get_run_logger().info("config %s, outputs under %s", cfg.name, cfg.storage.root)
+    stats: dict[str, dict] = {}
+    stats["ingest"] = ingest_task(cfg)
+    stats["filter"] = filter_task(cfg)
+    stats["dedup"] = dedup_task(cfg)
+    stats["tokenizer"] = tokenizer_task(cfg)
+    stats["tokenize"] = tokenize_task(cfg)
+    create_markdown_artifact(key="data-funnel", markdown="# Data funnel\n\n" + funnel(stats))
+    stats["train"] = train_task(cfg)
+    stats["evaluate"] = evaluate_task(cfg)
+    return stats

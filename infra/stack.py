@@ -1,0 +1,204 @@
+"""Start, check and stop the local stack: a Prefect server (embedded SQLite), the process serving the
+deployments, and optionally a local S3 endpoint (moto server over HTTP).
+
+    python infra/stack.py up [--s3]     # idempotent: reuses what is already running
+    python infra/stack.py status
+    python infra/stack.py down
+
+Everything lives under a state folder (default `.stack/` at the repository root): the Prefect home with its
+database, one log and one pid file per process, and `env.sh` with PREFECT_API_URL for the shell. All servers
+bind to 127.0.0.1. A port held by anything other than the process this stack started is an error naming the
+port, never a silent reuse of someone else's server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_BUCKETS = ("pretrain-tiny",)
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def read_pid(state: Path, name: str) -> int | None:
+    path = state / f"{name}.pid"
+    if not path.exists():
+        return None
+    pid = int(path.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        path.unlink()
+        return None
+    return pid
+
+
+def start(state: Path, name: str, argv: list[str], env: dict[str, str]) -> int:
+    log = open(state / f"{name}.log", "ab")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    (state / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def wait_for(check, what: str, state: Path, name: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if read_pid(state, name) is None:
+            tail = (state / f"{name}.log").read_text(errors="replace")[-3000:]
+            raise StackError(f"{name} exited while starting; end of {state / (name + '.log')}:\n{tail}")
+        time.sleep(0.5)
+    raise StackError(f"{what} not ready after {timeout:.0f}s; see {state / (name + '.log')}")
+
+
+def api_url(port: int) -> str:
+    return f"http://{HOST}:{port}/api"
+
+
+def base_env(state: Path, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(state / "prefect"),
+        PREFECT_API_URL=api_url(port),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_API_HOST=HOST,
+        PREFECT_SERVER_API_PORT=str(port),
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def ensure_process(state: Path, name: str, port: int | None, argv: list[str], env: dict, ready, what: str) -> str:
+    pid = read_pid(state, name)
+    if pid is not None:
+        wait_for(ready, what, state, name)
+        return f"{what}: running (pid {pid})"
+    if port is not None and port_open(port):
+        raise StackError(f"port {port} on {HOST} is in use by another program; stop it or choose another port")
+    pid = start(state, name, argv, env)
+    wait_for(ready, what, state, name)
+    return f"{what}: started (pid {pid})"
+
+
+def deployment_registered(port: int) -> bool:
+    return http_ok(f"{api_url(port)}/deployments/name/pretrain/full")
+
+
+def create_buckets(s3_port: int) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://{HOST}:{s3_port}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in S3_BUCKETS:
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+
+
+def up(state: Path, port: int, s3_port: int | None) -> list[str]:
+    state.mkdir(parents=True, exist_ok=True)
+    env = base_env(state, port)
+    report = []
+    if s3_port:
+        report.append(ensure_process(
+            state, "s3", s3_port, [str(BIN / "moto_server"), "-H", HOST, "-p", str(s3_port)], env,
+            lambda: port_open(s3_port), f"S3 endpoint http://{HOST}:{s3_port}"))
+        create_buckets(s3_port)
+    report.append(ensure_process(
+        state, "server", port, [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)], env,
+        lambda: http_ok(f"{api_url(port)}/health"), f"Prefect server http://{HOST}:{port}"))
+    report.append(ensure_process(
+        state, "serve", None, [sys.executable, "-m", "flows.serve"], env,
+        lambda: deployment_registered(port), "deployments (pretrain/full)"))
+    (state / "env.sh").write_text(f"export PREFECT_API_URL={api_url(port)}\n")
+    (state / "stack.json").write_text(json.dumps({"port": port, "s3_port": s3_port}))
+    return report
+
+
+def down(state: Path) -> list[str]:
+    report = []
+    for name in ("serve", "server", "s3"):
+        pid = read_pid(state, name)
+        if pid is None:
+            continue
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(40):
+            if read_pid(state, name) is None:
+                break
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.25)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+        (state / f"{name}.pid").unlink(missing_ok=True)
+        report.append(f"{name}: stopped (pid {pid})")
+    return report or ["nothing running"]
+
+
+def status(state: Path) -> list[str]:
+    lines = []
+    for name in ("server", "serve", "s3"):
+        pid = read_pid(state, name)
+        lines.append(f"{name}: {'running (pid %d)' % pid if pid else 'stopped'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--state", type=Path, default=REPO / ".stack", help="folder for the stack's state")
+    parser.add_argument("--port", type=int, default=4200, help="Prefect server port")
+    parser.add_argument("--s3", action="store_true", help="also start a local S3 endpoint (moto)")
+    parser.add_argument("--s3-port", type=int, default=9000)
+    args = parser.parse_args(argv)
+    state = args.state.resolve()
+    try:
+        if args.command == "up":
+            lines = up(state, args.port, args.s3_port if args.s3 else None)
+            lines.append(f"Prefect UI: http://{HOST}:{args.port}  (export PREFECT_API_URL={api_url(args.port)})")
+        elif args.command == "down":
+            lines = down(state)
+        else:
+            lines = status(state)
+    except StackError as exc:
+        print(f"stack: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

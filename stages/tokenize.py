@@ -1,0 +1,126 @@
+"""Tokenize: documents to token ids with an EOS after each, written as LitData shards with `litdata.optimize`.
+
+Layout under `{root}/tokens/`: `train/` and `val/` (litdata chunk files plus index.json, read back by
+StreamingDataset with TokensLoader), `val_docs.jsonl` (the validation documents' text, which the evaluate
+stage scores) and the manifest. The split is by a hash of the document id, so it is deterministic, disjoint,
+and a document stays on its side when the corpus grows.
+
+The output goes to a local folder or any S3 endpoint; `storage.prepare_litdata` makes litdata accept a
+plain-http endpoint such as a local moto server. Inputs are handed to litdata in a fixed order with
+reordering off, so the same input and config give the same shards.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import xxhash
+
+from stages import storage
+from stages.config import PipelineConfig, StorageConfig
+from stages.dedup import output as dedup_output
+from stages.documents import read_docs
+from stages.stage import Log, StageResult, code_version, committed_shards, run_stage, upstream_digest
+from stages.storage import StageOutput
+from stages.tokenizer import FILENAME as TOKENIZER_FILE
+from stages.tokenizer import output as tokenizer_output
+
+SPLITS = ("train", "val")
+VAL_DOCS = "val_docs.jsonl"
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    return "val" if xxhash.xxh64_intdigest(doc_id.encode()) % 1_000_000 < val_fraction * 1_000_000 else "train"
+
+
+def encode_shard(shard_uri: str, split: str, tokenizer_path: str, eos_id: int, val_fraction: float,
+                 storage_cfg: StorageConfig | None):
+    """litdata worker function: yields one int32 tensor (a document's ids + EOS) per document of the split."""
+    import torch
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    batch: list[str] = []
+
+    def flush():
+        for encoding in tokenizer.encode_batch_fast(batch):
+            yield torch.tensor([*encoding.ids, eos_id], dtype=torch.int32)
+
+    for doc in read_docs(shard_uri, storage_cfg):
+        if split_of(doc.id, val_fraction) != split:
+            continue
+        batch.append(doc.text)
+        if len(batch) >= 256:
+            yield from flush()
+            batch = []
+    if batch:
+        yield from flush()
+
+
+def output(cfg: PipelineConfig) -> StageOutput:
+    return StageOutput("tokenize", storage.join(cfg.storage.root, "tokens"), cfg.storage)
+
+
+def token_count(index: dict) -> int:
+    return sum(chunk["dim"] for chunk in index["chunks"])
+
+
+def run(cfg: PipelineConfig, log: Log = print) -> dict:
+    from litdata import TokensLoader, optimize
+
+    upstream, tok_out, out = dedup_output(cfg), tokenizer_output(cfg), output(cfg)
+    shards = committed_shards(upstream)
+    identity = {
+        "code": code_version(sys.modules[__name__]),
+        "config": cfg.section_digest("tokenize"),
+        "inputs": {"dedup": upstream_digest(upstream), "tokenizer": upstream_digest(tok_out)},
+    }
+    tc = cfg.tokenize
+
+    def build() -> StageResult:
+        options = storage.prepare_litdata(cfg.storage)
+        eos_id = tok_out.manifest()["counts"]["eos_id"]
+        shard_uris = [storage.join(upstream.uri, s) for s in shards]
+        counts: dict = {"docs_in": 0, "tokens": {}, "docs": {}}
+        files: list[str] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer_path = str(Path(tmp) / TOKENIZER_FILE)
+            with storage.open_uri(tok_out.path(TOKENIZER_FILE), "rb", cfg.storage) as f:
+                Path(tokenizer_path).write_bytes(f.read())
+            for split in SPLITS:
+                split_uri = out.path(split)
+                optimize(
+                    fn=partial(encode_shard, split=split, tokenizer_path=tokenizer_path, eos_id=eos_id,
+                               val_fraction=tc.val_fraction, storage_cfg=cfg.storage),
+                    inputs=shard_uris,
+                    output_dir=split_uri if storage.is_remote(split_uri) else str(Path(split_uri)),
+                    chunk_bytes=tc.chunk_bytes,
+                    item_loader=TokensLoader(),
+                    num_workers=tc.workers,
+                    reorder_files=False,
+                    keep_data_ordered=True,
+                    start_method="spawn",
+                    storage_options=options,
+                    verbose=False,
+                )
+                index = storage.read_json(storage.join(split_uri, "index.json"), cfg.storage)
+                counts["tokens"][split] = token_count(index)
+                files += [f"{split}/index.json"] + [f"{split}/{c['filename']}" for c in index["chunks"]]
+                log(f"tokenize: {split}: {counts['tokens'][split]} tokens in {len(index['chunks'])} chunks")
+        with storage.atomic_write(out.path(VAL_DOCS), cfg.storage, "w") as f:
+            for uri in shard_uris:
+                for doc in read_docs(uri, cfg.storage):
+                    counts["docs_in"] += 1
+                    split = split_of(doc.id, tc.val_fraction)
+                    counts["docs"][split] = counts["docs"].get(split, 0) + 1
+                    if split == "val":
+                        f.write(json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
+        files.append(VAL_DOCS)
+        total = sum(counts["tokens"].values())
+        return StageResult(files, counts, {"tokens_total": total})
+
+    return run_stage(out, identity, build, log)

@@ -1,0 +1,72 @@
+"""Shared fixtures: a small slice of the bundled sample corpus, free ports and a local S3 endpoint."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> dict[str, Path]:
+    """The first records of each sample file, in the same three formats."""
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.warcwriter import WARCWriter
+
+    out = tmp_path_factory.mktemp("small_corpus")
+    with gzip.open(SAMPLE / "docs.jsonl.gz", "rt") as src, gzip.open(out / "docs.jsonl.gz", "wt") as dst:
+        dst.writelines(itertools.islice(src, 400))
+    table = pq.read_table(SAMPLE / "reference.parquet")
+    pq.write_table(table.slice(0, 150), out / "reference.parquet")
+    with open(SAMPLE / "web.warc.gz", "rb") as src, open(out / "web.warc.gz", "wb") as dst:
+        writer = WARCWriter(dst, gzip=True)
+        for record in itertools.islice((r for r in ArchiveIterator(src) if r.rec_type == "response"), 60):
+            writer.write_record(record)
+    return {"jsonl": out / "docs.jsonl.gz", "parquet": out / "reference.parquet", "warc": out / "web.warc.gz"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 endpoint over HTTP (moto server) on a free loopback port, with one bucket."""
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    bucket = f"test-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    yield {"endpoint": endpoint, "bucket": bucket, "client": client, "port": port, "env": credentials}
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -1,0 +1,287 @@
+"""stages/evaluate.py against real parts: a BPE tokenizer trained here, a random-init Transformer saved with
+torch.distributed.checkpoint (no process group), and real lm-eval reading the repo's task YAML offline."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+
+from stages import evaluate
+from stages.config import PipelineConfig
+from stages.model import Transformer
+
+SEQ_LEN = 32
+MODEL = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_multiple_of": 16}
+EOS = "<|endoftext|>"
+
+TRAIN_MODULES = ["json", "os", "re", "collections", "textwrap", "argparse", "subprocess", "pathlib", "logging",
+                 "functools", "itertools", "shutil", "tempfile", "datetime", "decimal", "fractions"]
+VAL_MODULES = ["string", "random", "statistics", "heapq", "bisect", "csv", "zipfile", "tarfile", "gzip", "sqlite3",
+               "unittest", "difflib", "pprint", "socket", "email", "uuid", "hashlib", "base64", "calendar", "abc",
+               "contextlib", "dataclasses", "enum", "glob"]
+
+
+def docstrings(module_names: list[str]) -> list[str]:
+    texts = []
+    for name in module_names:
+        module = importlib.import_module(name)
+        texts.append(inspect.getdoc(module) or "")
+        for _, obj in sorted(vars(module).items()):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
+                texts.append(inspect.getdoc(obj) or "")
+    return [t for t in texts if t.strip()]
+
+
+def train_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docstrings(TRAIN_MODULES), trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+
+
+def save_checkpoint(root: Path, step: int, model: Transformer, tokenizer_uri: str, with_meta: bool = True) -> Path:
+    """What the trainer writes: a DCP directory with model, optimizer, trainer and loader state, then meta.json."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt = root / "checkpoints" / f"step-{step:06d}"
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()  # real optimizer state: one step, lr ~ 0
+    for group in optim.param_groups:
+        group["lr"] = 0.0
+    optim.step()
+    optim.zero_grad()
+    model_sd, optim_sd = get_state_dict(model, optim)
+    state = {"model": model_sd, "optim": optim_sd, "train": {"step": step, "tokens_seen": 1000 * step},
+             "loader": {"epoch": 0, "offset": step}}
+    dcp.save(state, checkpoint_id=str(ckpt))
+    if with_meta:
+        meta = {"step": step, "tokens_seen": 1000 * step, "train_loss": 6.0, "val_loss": 6.1, "model": MODEL,
+                "vocab_size": model.vocab_size, "tokenizer_uri": tokenizer_uri}
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    return ckpt
+
+
+def make_model(vocab_size: int, seed: int) -> Transformer:
+    model = Transformer(PipelineConfig.model_validate({"ingest": {"inputs": ["x"]}, "model": MODEL}).model,
+                        vocab_size)
+    model.init_weights(seed)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    tok_path = root / "tokenizer" / "tokenizer.json"
+    train_tokenizer(tok_path)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tok_path)).get_vocab_size()
+    docs = docstrings(VAL_MODULES)[:20]
+    assert len(docs) == 20
+    (root / "tokens").mkdir()
+    with open(root / "tokens" / "val_docs.jsonl", "w") as f:
+        for i, text in enumerate(docs):
+            f.write(json.dumps({"id": f"val-{i}", "text": text}) + "\n")
+    save_checkpoint(root, 1, make_model(vocab, seed=1), str(tok_path))
+    save_checkpoint(root, 5, make_model(vocab, seed=5), str(tok_path))
+    save_checkpoint(root, 9, make_model(vocab, seed=9), str(tok_path), with_meta=False)  # still being written
+    cfg = PipelineConfig.model_validate({
+        "ingest": {"inputs": ["unused"]},
+        "storage": {"root": str(root)},
+        "model": MODEL,
+        "train": {"seq_len": SEQ_LEN},
+        "evaluate": {"tasks": ["heldout_ppl"], "max_docs": 20, "batch_size": 4},
+    })
+    return cfg, root, docs
+
+
+@pytest.fixture(scope="module")
+def lm(setup):
+    cfg, root, _ = setup
+    step, ckpt, meta = evaluate.latest_checkpoint(cfg.storage.root)
+    model = evaluate.load_model(ckpt, meta)
+    tokenizer = evaluate.load_tokenizer(str(root / "tokenizer" / "tokenizer.json"))
+    return evaluate.PipelineLM(model, tokenizer, max_length=SEQ_LEN, batch_size=3, device="cpu")
+
+
+def test_run_writes_results_then_skips(setup, lm):
+    cfg, root, docs = setup
+    logs = []
+    stats = evaluate.run(cfg, log=logs.append)
+    json.dumps(stats, allow_nan=False)
+    assert stats["skipped"] is False
+    assert stats["step"] == 5 and stats["checkpoint"].endswith("step-000005")
+    assert stats["docs"] == 20 and stats["tokens"] > 0 and stats["tokens_per_s"] > 0
+    metrics = stats["metrics"]["heldout_ppl"]
+    assert set(metrics) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert 0 < metrics["bits_per_byte"] < 20
+
+    eval_dir = root / "checkpoints" / "step-000005" / "eval"
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert results["results"]["heldout_ppl"]["bits_per_byte,none"] == pytest.approx(metrics["bits_per_byte"])
+    assert "samples" not in results
+    val_uri = str(root / "tokens" / "val_docs.jsonl")
+    assert results["configs"]["heldout_ppl"]["dataset_kwargs"]["data_files"]["validation"] == val_uri
+    assert results["heldout"] == {"uri": val_uri, "docs": 20, "max_docs": 20}
+    manifest = json.loads((eval_dir / "manifest.json").read_text())
+    assert manifest["identity"]["checkpoint_step"] == 5 and "results.json" in manifest["files"]
+    assert json.loads((eval_dir / "stats.json").read_text())["metrics"] == stats["metrics"]
+
+    # lm-eval's aggregate equals what our LM gives directly: -sum(loglik) / sum(bytes) / ln 2
+    reqs = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)]
+    total_ll = sum(lm.loglikelihood_rolling(reqs))
+    total_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    assert metrics["bits_per_byte"] == pytest.approx(-total_ll / total_bytes / math.log(2), rel=1e-4)
+
+    again = evaluate.run(cfg, log=logs.append)
+    assert again["skipped"] is True
+    assert again["metrics"] == stats["metrics"] and again["step"] == 5
+    assert any("skipping" in line for line in logs)
+
+    # a changed evaluate section is a different identity: evaluated again
+    cfg3 = cfg.model_copy(deep=True)
+    cfg3.evaluate.max_docs = 5
+    third = evaluate.run(cfg3, log=logs.append)
+    assert third["skipped"] is False and third["docs"] == 5
+
+
+def test_incomplete_checkpoint_is_ignored(setup):
+    cfg, root, _ = setup
+    assert (root / "checkpoints" / "step-000009" / ".metadata").exists()
+    assert [s for s, _ in evaluate.find_checkpoints(cfg.storage.root)] == [1, 5]
+    step, ckpt, meta = evaluate.latest_checkpoint(cfg.storage.root)
+    assert step == 5 and meta["step"] == 5
+    assert evaluate.latest_checkpoint(str(root / "nowhere")) is None
+
+
+def test_load_model_reads_only_the_model_and_matches_saved_weights(setup):
+    cfg, root, _ = setup
+    step, ckpt, meta = evaluate.latest_checkpoint(cfg.storage.root)
+    loaded = evaluate.load_model(ckpt, meta)
+    reference = make_model(meta["vocab_size"], seed=5)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+
+
+def direct_logprobs(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    """log p(tokens[i+1] | tokens[:i+1]) from one plain forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]))[0]
+    logp = F.log_softmax(logits[:-1].double(), dim=-1)
+    return logp.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+def test_loglikelihood_matches_direct_forward(lm):
+    pairs = [("The quick brown fox", " jumps over the lazy dog"),
+             ("Return a list of", " the words in the string"),
+             ("Open the file", " and return a stream."),
+             ("", "Hello world"),
+             ("A much longer context that goes on and on about many things in the standard library modules and their"
+              " documentation, long enough to be truncated on the left by the window", " of tokens.")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    results = lm.loglikelihood(reqs)
+    assert len(results) == len(pairs)
+    for (context, continuation), (ll, greedy) in zip(pairs, results):
+        if context:
+            ctx = lm.tok_encode(context)
+            cont = lm.tok_encode(context + continuation)[len(ctx):]
+            assert lm.tok_encode(continuation) == cont  # the boundary does not merge: cont is self-contained
+        else:
+            ctx, cont = [lm.eos_token_id], lm.tok_encode(continuation)
+        full = (ctx + cont)[-(SEQ_LEN + 1):]
+        expected = direct_logprobs(lm.model, full)[-len(cont):].sum().item()
+        assert ll == pytest.approx(expected, abs=1e-3)
+        assert isinstance(greedy, bool)
+    assert len(lm.tok_encode(pairs[-1][0] + pairs[-1][1])) > SEQ_LEN  # the truncation path was exercised
+
+
+def test_loglikelihood_rolling_matches_direct_nll(lm):
+    text = "Return a new list containing all items."
+    tokens = lm.tok_encode(text)
+    assert 1 < len(tokens) < SEQ_LEN
+    expected = direct_logprobs(lm.model, [lm.eos_token_id] + tokens).sum().item()
+    # batched together with a long text (several windows) and an empty one
+    long_text = " ".join([text] * 12)
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate([long_text, text, ""])]
+    rolled = lm.loglikelihood_rolling(reqs)
+    assert rolled[1] == pytest.approx(expected, abs=1e-3)
+    assert rolled[2] == 0.0
+    # long text: every token is predicted exactly once across windows
+    windows = lm.rolling_windows(long_text)
+    assert len(windows) > 1
+    assert sum(len(cont) for _, cont in windows) == len(lm.tok_encode(long_text))
+    assert all(len(ctx) + len(cont) - 1 <= SEQ_LEN for ctx, cont in windows)
+    assert math.isfinite(rolled[0]) and rolled[0] < 0
+
+
+def test_generate_until_is_greedy_and_stops(lm):
+    prompts = ["The quick brown fox", "Return a list"]
+    reqs = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 6}), i)
+            for i, p in enumerate(prompts)]
+    outs = lm.generate_until(reqs)
+    for prompt, out in zip(prompts, outs):
+        tokens = lm.tok_encode(prompt)
+        generated = []
+        for _ in range(6):
+            with torch.no_grad():
+                nxt = int(lm.model(torch.tensor([tokens[-SEQ_LEN:]]))[0, -1].argmax())
+            if nxt == lm.eos_token_id:
+                break
+            tokens.append(nxt)
+            generated.append(nxt)
+            if "\n\n" in lm.tok_decode(generated):
+                break
+        assert out == lm.tok_decode(generated).split("\n\n")[0].split(EOS)[0]
+    # a stop string cuts the output
+    first = outs[0]
+    assert len(first) > 1
+    stop = first[1:]
+    cut = lm.generate_until([Instance("generate_until", {}, (prompts[0], {"until": [stop], "max_gen_toks": 6}), 0)])
+    assert cut == [first.split(stop, 1)[0]]
+
+
+def test_run_on_s3(setup, s3_endpoint):
+    """Checkpoints, tokenizer and held-out docs on S3 (moto server): DCP is read through FsspecReader with the
+    configured endpoint and credentials, and eval/ is written back next to the checkpoint."""
+    cfg, root, _ = setup
+    client, bucket = s3_endpoint["client"], s3_endpoint["bucket"]
+    prefix = "evalroot"
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir() or "/eval/" in f"/{rel}" or rel.startswith(("checkpoints/step-000001", "checkpoints/step-000009")):
+            continue
+        body = path.read_bytes()
+        if rel.endswith("meta.json"):
+            meta = json.loads(body)
+            meta["tokenizer_uri"] = f"s3://{bucket}/{prefix}/tokenizer/tokenizer.json"
+            body = json.dumps(meta).encode()
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=body)
+    s3_cfg = cfg.model_copy(deep=True)
+    s3_cfg.storage = type(cfg.storage).model_validate({
+        "root": f"s3://{bucket}/{prefix}", "endpoint_url": s3_endpoint["endpoint"], "region": "us-east-1",
+        "access_key_id": "testing", "secret_access_key": "testing"})
+    s3_cfg.evaluate.max_docs = 4
+    stats = evaluate.run(s3_cfg, log=lambda _: None)
+    assert stats["skipped"] is False and stats["step"] == 5 and stats["docs"] == 4
+    assert stats["checkpoint"] == f"s3://{bucket}/{prefix}/checkpoints/step-000005"
+    assert math.isfinite(stats["metrics"]["heldout_ppl"]["bits_per_byte"])
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/step-000005/eval/")["Contents"]}
+    assert {f"{prefix}/checkpoints/step-000005/eval/{n}" for n in ("results.json", "stats.json", "manifest.json")} <= keys
+    assert evaluate.run(s3_cfg, log=lambda _: None)["skipped"] is True
