@@ -1,0 +1,196 @@
+"""Launch distributed training: torchrun over `stages.train`, streamed, parsed, skipped when already done.
+
+`run_training(cfg)` is what the pipeline (a Prefect task, the CLI, the tests) calls. It never imports torch: the
+training itself runs in torchrun's children, so the caller stays light and a crash there cannot take the
+orchestrator down with it.
+
+- The config goes to the children as a JSON file WITHOUT the storage secrets; credentials and the endpoint go
+  through the environment (`storage.storage_env`), where s3fs, botocore and obstore read them.
+- Every line the children print is handed to `on_line` as it arrives (stdout and stderr merged). Rank 0 prints
+  `METRIC {json}` once per step and `SUMMARY {json}` at the end; both are parsed here.
+- Skip: a finished run leaves `{root}/checkpoints/step-{max_steps:06d}/meta.json` whose `run_digest` names the
+  model and train sections and the tokens manifest digest. If it matches, the stored summary is returned with
+  `skipped: True` and nothing is launched. Any other existing checkpoint makes the children resume from it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from stages import storage
+from stages.config import REPO_ROOT, PipelineConfig
+
+METRIC_PREFIX = "METRIC "
+SUMMARY_PREFIX = "SUMMARY "
+TAIL_LINES = 30
+HISTORY_LINES = 5000
+
+
+def checkpoints_uri(cfg: PipelineConfig) -> str:
+    return storage.join(cfg.storage.root, "checkpoints")
+
+
+def checkpoint_uri(cfg: PipelineConfig, step: int) -> str:
+    return storage.join(checkpoints_uri(cfg), f"step-{step:06d}")
+
+
+def tokens_manifest_digest(cfg: PipelineConfig) -> str | None:
+    """The tokenize stage's manifest digest, when that stage wrote one (it identifies the training data)."""
+    uri = storage.join(cfg.storage.root, "tokens", storage.MANIFEST)
+    if not storage.exists(uri, cfg.storage):
+        return None
+    return storage.read_json(uri, cfg.storage).get("digest")
+
+
+def run_digest(cfg: PipelineConfig, tokens_digest: str | None) -> str:
+    """Identity of a training run: the model and train sections plus the data it reads."""
+    return storage.digest_of({"config": cfg.section_digest("model", "train"), "tokens": tokens_digest})
+
+
+def child_config_json(cfg: PipelineConfig) -> str:
+    """The config for the children, with the storage secrets removed (they travel in the environment)."""
+    data = cfg.model_dump(mode="json")
+    data["storage"]["access_key_id"] = None
+    data["storage"]["secret_access_key"] = None
+    return json.dumps(data)
+
+
+def torchrun_command(cfg: PipelineConfig, config_file: str) -> list[str]:
+    t = cfg.train
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(t.nproc_per_node),
+           "--nnodes", str(t.nnodes)]
+    if t.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        if not t.rdzv_endpoint:
+            raise ValueError("train.rdzv_endpoint (host:port) is required when train.nnodes > 1")
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", t.rdzv_endpoint, "--rdzv-id", f"{cfg.name}-train"]
+    # `--config-json` is not a prefix of any torchrun option (a flag such as `--log` would be ambiguous there).
+    return cmd + ["-m", "stages.train", "--config-json", config_file]
+
+
+def _completed_summary(cfg: PipelineConfig) -> dict | None:
+    meta_uri = storage.join(checkpoint_uri(cfg, cfg.train.max_steps), "meta.json")
+    fs, _ = storage.filesystem(meta_uri, cfg.storage)
+    fs.invalidate_cache()  # s3fs caches listings per process; a run may have just written this
+    if not storage.exists(meta_uri, cfg.storage):
+        return None
+    meta = storage.read_json(meta_uri, cfg.storage)
+    if meta.get("run_digest") != run_digest(cfg, tokens_manifest_digest(cfg)) or not meta.get("summary"):
+        return None
+    return meta["summary"]
+
+
+def _parse(line: str, prefix: str) -> dict | None:
+    idx = line.find(prefix)
+    if idx < 0:
+        return None
+    try:
+        return json.loads(line[idx + len(prefix):])
+    except json.JSONDecodeError:
+        return None
+
+
+def run_training(cfg: PipelineConfig, on_line: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or resume, or skip) as configured; returns the run's summary plus seconds and losses."""
+    started = time.time()
+    done = _completed_summary(cfg)
+    if done is not None:
+        on_line(f"training already complete at {checkpoint_uri(cfg, cfg.train.max_steps)}: skipped")
+        return {**done, "skipped": True, "seconds": round(time.time() - started, 3),
+                "initial_loss": done.get("first_loss"), "final_loss": done.get("final_loss")}
+
+    index = storage.join(cfg.storage.root, "tokens", "train", "index.json")
+    if not storage.exists(index, cfg.storage):  # fail here, not after torchrun has started every rank
+        raise FileNotFoundError(f"{index}: no tokenized training data (run the tokenize stage first)")
+
+    env = dict(os.environ)
+    env.update(storage.storage_env(cfg.storage))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+
+    initial_loss: float | None = None
+    summary: dict | None = None
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    history: collections.deque[str] = collections.deque(maxlen=HISTORY_LINES)  # to find the root cause
+    with tempfile.TemporaryDirectory(prefix="train-config-") as tmp:
+        config_file = os.path.join(tmp, "config.json")
+        with open(config_file, "w") as f:
+            f.write(child_config_json(cfg))
+        os.chmod(config_file, 0o600)
+        cmd = torchrun_command(cfg, config_file)
+        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, bufsize=1, errors="replace",
+                                start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                history.append(line)
+                on_line(line)
+                if (m := _parse(line, METRIC_PREFIX)) is not None:
+                    initial_loss = m.get("loss") if initial_loss is None else initial_loss
+                elif (s := _parse(line, SUMMARY_PREFIX)) is not None:
+                    summary = s
+            code = proc.wait()
+        except BaseException:
+            # Cancelled (KeyboardInterrupt, a Prefect cancellation, a failing on_line): take the children down.
+            _terminate(proc)
+            raise
+    if code != 0:
+        cause = _first_traceback(list(history))
+        raise RuntimeError(f"training failed: torchrun exited with code {code}"
+                           + (f"; first error:\n{cause}" if cause else "")
+                           + f"\n--- last {len(tail)} lines of output ---\n" + "\n".join(tail))
+    if summary is None:
+        raise RuntimeError("training exited 0 but printed no SUMMARY line; last lines:\n" + "\n".join(tail))
+    return {**summary, "skipped": False, "seconds": round(time.time() - started, 3),
+            "initial_loss": initial_loss if initial_loss is not None else summary.get("first_loss"),
+            "final_loss": summary.get("final_loss")}
+
+
+def _first_traceback(lines: list[str], limit: int = 60) -> str | None:
+    """The first Python traceback a rank printed (torchrun's own summary at the end hides the cause).
+
+    Ranks' lines carry a `[rankN]:` prefix; the block ends at its first unindented line (the exception)."""
+    marker = "Traceback (most recent call last)"
+    for i, line in enumerate(lines):
+        if marker not in line:
+            continue
+        prefix = line[: line.index(marker)]
+        block = [line]
+        for nxt in lines[i + 1:]:
+            if prefix and not nxt.startswith(prefix):
+                continue
+            block.append(nxt)
+            body = nxt[len(prefix):]
+            if body and not body[0].isspace():
+                break
+        if len(block) > limit:
+            block = block[:10] + ["..."] + block[-(limit - 11):]
+        return "\n".join(block)
+    return None
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

@@ -1,0 +1,326 @@
+"""Real distributed training runs: torchrun with 2 CPU ranks, FSDP2, litdata, DCP, local disk and a moto S3 server.
+
+The data is built here from real text (docstrings of Python standard-library modules) with a small byte-level BPE
+trained in the test and `litdata.optimize(..., item_loader=TokensLoader())`, the same layout the tokenize stage
+writes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from stages.config import PipelineConfig
+from stages.launch import child_config_json, run_training, torchrun_command
+
+EOS = "<|endoftext|>"
+BIG_BATCH = 24  # sequences per rank per step in the runs that must cross an epoch boundary
+MODULES = ["json", "csv", "argparse", "collections", "functools", "itertools", "re", "pathlib", "subprocess",
+           "typing", "logging", "textwrap", "string", "datetime", "decimal", "fractions", "statistics", "heapq",
+           "bisect", "shutil", "tempfile", "unittest", "difflib", "inspect", "contextlib", "dataclasses"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+
+def _documents() -> list[str]:
+    docs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # typing.io and friends
+        for name in MODULES:
+            _module_docs(name, docs)
+    return docs
+
+
+def _module_docs(name: str, docs: list[str]) -> None:
+    mod = importlib.import_module(name)
+    for obj in [mod, *(getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_"))]:
+        doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or callable(obj)) else None
+        if doc and len(doc) > 80 and doc not in docs:
+            docs.append(doc)
+
+
+def _to_tokens(ids: list[int]):
+    import torch
+
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def build_token_data(root: Path) -> Path:
+    """A pipeline root holding tokenizer/tokenizer.json and tokens/{train,val} (litdata TokensLoader chunks)."""
+    from litdata import TokensLoader, optimize
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    docs = _documents()
+    assert len(docs) > 300
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (root / "tokenizer").mkdir()
+    tok.save(str(root / "tokenizer" / "tokenizer.json"))
+    eos = tok.token_to_id(EOS)
+    ids = [enc.ids + [eos] for enc in tok.encode_batch(docs)]
+
+    n_val = len(ids) // 10
+    for split, items in (("val", ids[:n_val]), ("train", ids[n_val:])):
+        optimize(fn=_to_tokens, inputs=items, output_dir=str(root / "tokens" / split), item_loader=TokensLoader(),
+                 chunk_bytes="1MB", num_workers=1)
+    assert (root / "tokens" / "train" / "index.json").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory) -> Path:
+    return build_token_data(tmp_path_factory.mktemp("token_data"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_root(tmp_path_factory) -> Path:
+    """litdata's local chunk cache for every run of this module (never the user's ~/.cache)."""
+    path = tmp_path_factory.mktemp("litdata_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRETRAIN_CACHE_DIR", str(path))
+        yield path
+
+
+def make_cfg(root: str, **train) -> PipelineConfig:
+    settings = dict(nproc_per_node=2, seq_len=64, micro_batch_size=8, max_steps=30, warmup_steps=5,
+                    checkpoint_every=10, lr=3e-3, min_lr=3e-4, loader_workers=0)
+    settings.update(train)
+    return PipelineConfig.model_validate({
+        "name": "test-train",
+        "storage": {"root": root},
+        "ingest": {"inputs": ["unused"]},
+        "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+        "train": settings,
+    })
+
+
+def run(cfg: PipelineConfig) -> tuple[dict, list[str], list[dict]]:
+    lines: list[str] = []
+    result = run_training(cfg, on_line=lines.append)
+    metrics = [json.loads(line.split("METRIC ", 1)[1]) for line in lines if line.startswith("METRIC ")]
+    return result, lines, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launcher pieces (no training)
+
+
+def test_child_config_has_no_secrets_and_command_shape():
+    cfg = make_cfg("s3://bucket/run")
+    cfg.storage.access_key_id = "AKIA-SECRET-ID"
+    cfg.storage.secret_access_key = "very-secret-key"
+    text = child_config_json(cfg)
+    assert "AKIA-SECRET-ID" not in text and "very-secret-key" not in text
+    assert PipelineConfig.model_validate_json(text).storage.root == "s3://bucket/run"
+
+    cmd = torchrun_command(cfg, "/tmp/c.json")
+    assert "--standalone" in cmd and cmd[-4:] == ["-m", "stages.train", "--config-json", "/tmp/c.json"]
+    cfg.train.nnodes, cfg.train.rdzv_endpoint = 2, "10.0.0.1:29400"
+    cmd = torchrun_command(cfg, "/tmp/c.json")
+    assert "--standalone" not in cmd and cmd[cmd.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
+
+
+def test_missing_tokens_fail_before_launch(tmp_path):
+    started = time.time()
+    with pytest.raises(FileNotFoundError, match="tokens/train/index.json"):
+        run_training(make_cfg(str(tmp_path / "nothing")), on_line=lambda line: None)
+    assert time.time() - started < 5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# local disk
+
+
+@pytest.fixture(scope="module")
+def reference_run(token_data, tmp_path_factory):
+    """30 uninterrupted steps on 2 ranks, checkpoints at 15 and 30."""
+    root = tmp_path_factory.mktemp("reference") / "run"
+    shutil.copytree(token_data, root)
+    cfg = make_cfg(str(root), max_steps=30, checkpoint_every=15, micro_batch_size=BIG_BATCH)
+    result, lines, metrics = run(cfg)
+    return cfg, root, result, metrics, lines
+
+
+def test_train_two_ranks_local(reference_run):
+    cfg, root, result, metrics, lines = reference_run
+
+    assert not result["skipped"]
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    assert result["steps"] == 30 and result["start_step"] == 0
+    assert result["final_loss"] < result["first_loss"] - 0.5, (result["first_loss"], result["final_loss"])
+    assert result["initial_loss"] == metrics[0]["loss"]
+    assert result["val_loss"] is not None and result["val_loss"] < result["first_loss"]
+    assert result["tokens_seen"] == 30 * 2 * BIG_BATCH * 64
+    # ~27 full batches of 24 per rank per epoch: the run goes on into a second epoch.
+    assert any("epoch 2 starts" in line for line in lines)
+    assert result["params"] > 0 and result["tokens_per_s"] > 0
+
+    ckpt = root / "checkpoints" / "step-000030"
+    assert result["checkpoint"] == str(ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 30 and meta["vocab_size"] == 512 and meta["model"]["dim"] == 64
+    assert meta["tokenizer_uri"].endswith("tokenizer/tokenizer.json")
+    assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2
+    assert (root / "checkpoints" / "step-000015" / "meta.json").is_file()
+    logged = [json.loads(line) for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == list(range(1, 31))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed"} <= set(logged[0])
+    print(f"\nlocal run: {result['seconds']:.1f}s, {result['tokens_per_s']} tokens/s, "
+          f"loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}, val {result['val_loss']:.3f}")
+
+    # The same config again: complete and matching, so nothing is launched.
+    started = time.time()
+    again, lines, _ = run(cfg)
+    assert again["skipped"] and again["final_loss"] == result["final_loss"] and time.time() - started < 5
+    assert not any(line.startswith("METRIC ") for line in lines)
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_killed_run_resumes_exactly(reference_run, token_data, tmp_path):
+    """Kill torchrun mid-run (after the step-15 checkpoint), rerun: it resumes at 15 and reproduces the
+    uninterrupted run's losses exactly (model, optimizer and data order all restored)."""
+    _, _, reference, ref_metrics, _ = reference_run
+    root = tmp_path / "run"
+    shutil.copytree(token_data, root)
+    cfg = make_cfg(str(root), max_steps=30, checkpoint_every=15, micro_batch_size=BIG_BATCH)
+
+    def kill_at_20(line: str) -> None:
+        if line.startswith("METRIC ") and json.loads(line[len("METRIC "):])["step"] == 20:
+            raise Preempted()  # run_training kills the whole torchrun process group and re-raises
+
+    with pytest.raises(Preempted):
+        run_training(cfg, on_line=kill_at_20)
+    assert (root / "checkpoints" / "step-000015" / "meta.json").is_file()
+    assert not (root / "checkpoints" / "step-000030").exists()
+
+    result, lines, metrics = run(cfg)
+    assert any("resumed from" in line and "step-000015" in line for line in lines)
+    assert [m["step"] for m in metrics] == list(range(16, 31))
+    assert any("epoch 2 starts" in line for line in lines)  # restored mid-epoch 1, then on into epoch 2
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics[15:]]
+    assert result["final_loss"] == reference["final_loss"] and result["val_loss"] == reference["val_loss"]
+    # metrics.jsonl: the killed run's lines after step 15 were dropped on resume, so each step appears once.
+    logged = [json.loads(line) for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == list(range(1, 31))
+    assert [m["loss"] for m in logged] == [m["loss"] for m in ref_metrics]
+
+
+def test_resume_continues_at_step(token_data, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(token_data, root)
+
+    first, _, metrics = run(make_cfg(str(root), max_steps=20, checkpoint_every=10))
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+
+    # A checkpoint folder without meta.json (a save that crashed) must be ignored.
+    (root / "checkpoints" / "step-000025").mkdir()
+    (root / "checkpoints" / "step-000025" / ".metadata").write_bytes(b"garbage")
+
+    second, lines, metrics = run(make_cfg(str(root), max_steps=30, checkpoint_every=10))
+    assert not second["skipped"]
+    assert any("resumed from" in line and "step-000020" in line for line in lines)
+    assert [m["step"] for m in metrics] == list(range(21, 31))
+    assert second["start_step"] == 20 and second["steps"] == 30
+    assert second["tokens_seen"] == 30 * 2 * 8 * 64
+    # Continues from the trained state: no jump back to the untrained loss.
+    assert second["first_loss"] < first["first_loss"] - 0.5
+    assert (root / "checkpoints" / "step-000030" / "meta.json").is_file()
+    logged = [json.loads(line)["step"] for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 31))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# S3 (a real moto server)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def moto_endpoint(monkeypatch):
+    port = _free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.2)
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_train_on_s3(token_data, moto_endpoint):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="bucket")
+    for path in token_data.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), "bucket", f"run/{path.relative_to(token_data).as_posix()}")
+
+    def cfg_for(steps: int) -> PipelineConfig:
+        cfg = make_cfg("s3://bucket/run", max_steps=steps, checkpoint_every=5)
+        cfg.storage.endpoint_url = moto_endpoint
+        cfg.storage.region = "us-east-1"
+        return cfg
+
+    first, _, metrics = run(cfg_for(5))
+    assert [m["step"] for m in metrics] == list(range(1, 6))
+    second, lines, metrics = run(cfg_for(10))
+    assert [m["step"] for m in metrics] == list(range(6, 11))
+    assert any("resumed from s3://bucket/run/checkpoints/step-000005" in line for line in lines)
+    assert second["checkpoint"] == "s3://bucket/run/checkpoints/step-000010"
+    assert second["final_loss"] < first["first_loss"]
+
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="bucket", Prefix="run/checkpoints/")
+    keys = {obj["Key"] for page in pages for obj in page.get("Contents", [])}
+    for step in ("000005", "000010"):
+        assert {f"run/checkpoints/step-{step}/.metadata", f"run/checkpoints/step-{step}/meta.json"} <= keys
+        assert sum(k.startswith(f"run/checkpoints/step-{step}/") and k.endswith(".distcp") for k in keys) == 2
+    meta = json.loads(s3.get_object(Bucket="bucket", Key="run/checkpoints/step-000010/meta.json")["Body"].read())
+    assert meta["step"] == 10 and meta["tokenizer_uri"] == "s3://bucket/run/tokenizer/tokenizer.json"
+    logged = s3.get_object(Bucket="bucket", Key="run/checkpoints/metrics.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["step"] for line in logged.splitlines()] == list(range(1, 11))
+
+    # Done and matching: skipped without launching.
+    again, _, _ = run(cfg_for(10))
+    assert again["skipped"] and again["checkpoint"] == second["checkpoint"]
