@@ -46,49 +46,26 @@ import torch.nn.functional as F  # noqa: E402
 from lm_eval import utils as lm_utils  # noqa: E402
 from lm_eval.api.model import LM  # noqa: E402
 
+from stages.checkpoints import dcp_reader, latest_checkpoint  # noqa: E402
 from stages.config import ModelConfig, PipelineConfig, StorageConfig  # noqa: E402
 from stages.model import Transformer  # noqa: E402
 from stages.storage import (  # noqa: E402
     StageOutput,
     digest_of,
     exists,
-    expand,
-    is_remote,
     join,
     open_uri,
     raw_fingerprint,
     read_json,
-    storage_options,
     write_json,
 )
 
 TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 EOS_TOKEN = "<|endoftext|>"
-_STEP_DIR = re.compile(r"step-(\d+)$")
 _PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def find_checkpoints(root: str, storage: StorageConfig | None = None) -> list[tuple[int, str]]:
-    """(step, checkpoint uri) of every complete checkpoint (one with meta.json), oldest first."""
-    found = []
-    for meta_uri in expand(join(root, "checkpoints", "step-*", "meta.json"), storage):
-        ckpt = meta_uri.rsplit("/", 1)[0]
-        match = _STEP_DIR.search(ckpt)
-        if match:
-            found.append((int(match.group(1)), ckpt))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str, storage: StorageConfig | None = None) -> tuple[int, str, dict] | None:
-    """The newest complete checkpoint as (step, uri, meta), or None."""
-    found = find_checkpoints(root, storage)
-    if not found:
-        return None
-    step, ckpt = found[-1]
-    return step, ckpt, read_json(join(ckpt, "meta.json"), storage)
 
 
 def load_model(ckpt: str, meta: dict, storage: StorageConfig | None = None,
@@ -107,13 +84,7 @@ def load_model(ckpt: str, meta: dict, storage: StorageConfig | None = None,
         # output.weight is the same tensor as tok_embeddings.weight; whether the trainer's state dict lists the
         # alias or not, loading tok_embeddings.weight fills both.
         state.pop("output.weight", None)
-    if is_remote(ckpt):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        opts = storage_options(storage) if ckpt.startswith(("s3://", "s3a://")) else {}
-        reader = FsspecReader(ckpt, **opts)
-    else:
-        reader = dcp.FileSystemReader(ckpt.removeprefix("file://"))
+    reader = dcp_reader(ckpt, storage)
     wrapped = {"model": state}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")

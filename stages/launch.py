@@ -27,20 +27,13 @@ from collections.abc import Callable
 from typing import Any
 
 from stages import storage
+from stages.checkpoints import META, checkpoint_uri
 from stages.config import REPO_ROOT, PipelineConfig
 
 METRIC_PREFIX = "METRIC "
 SUMMARY_PREFIX = "SUMMARY "
 TAIL_LINES = 30
 HISTORY_LINES = 5000
-
-
-def checkpoints_uri(cfg: PipelineConfig) -> str:
-    return storage.join(cfg.storage.root, "checkpoints")
-
-
-def checkpoint_uri(cfg: PipelineConfig, step: int) -> str:
-    return storage.join(checkpoints_uri(cfg), f"step-{step:06d}")
 
 
 def tokens_manifest_digest(cfg: PipelineConfig) -> str | None:
@@ -79,7 +72,7 @@ def torchrun_command(cfg: PipelineConfig, config_file: str) -> list[str]:
 
 
 def _completed_summary(cfg: PipelineConfig) -> dict | None:
-    meta_uri = storage.join(checkpoint_uri(cfg, cfg.train.max_steps), "meta.json")
+    meta_uri = storage.join(checkpoint_uri(cfg, cfg.train.max_steps), META)
     fs, _ = storage.filesystem(meta_uri, cfg.storage)
     fs.invalidate_cache()  # s3fs caches listings per process; a run may have just written this
     if not storage.exists(meta_uri, cfg.storage):

@@ -6,8 +6,9 @@ stage scores) and the manifest. The split is by a hash of the document id, so it
 and a document stays on its side when the corpus grows.
 
 The output goes to a local folder or any S3 endpoint; `storage.prepare_litdata` makes litdata accept a
-plain-http endpoint such as a local moto server. Inputs are handed to litdata in a fixed order with
-reordering off, so the same input and config give the same shards.
+plain-http endpoint such as a local moto server, in this process and in the worker processes litdata forks.
+Inputs are handed to litdata in a fixed order with reordering off, so the same input and config give the same
+shards.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ def split_of(doc_id: str, val_fraction: float) -> str:
     return "val" if xxhash.xxh64_intdigest(doc_id.encode()) % 1_000_000 < val_fraction * 1_000_000 else "train"
 
 
-def encode_shard(shard_uri: str, split: str, tokenizer_path: str, eos_id: int, val_fraction: float,
-                 storage_cfg: StorageConfig | None):
-    """litdata worker function: yields one int32 tensor (a document's ids + EOS) per document of the split."""
+def encode_shard(index: int, shard_uris: list[str], split: str, tokenizer_path: str, eos_id: int,
+                 val_fraction: float, storage_cfg: StorageConfig | None):
+    """litdata worker function: yields one int32 tensor (a document's ids + EOS) per document of the split.
+
+    It takes the shard's index, not its URI: litdata treats string inputs that look like remote paths as files to
+    download itself, through its own client, bypassing our storage settings.
+    """
     import torch
     from tokenizers import Tokenizer
 
@@ -50,7 +55,7 @@ def encode_shard(shard_uri: str, split: str, tokenizer_path: str, eos_id: int, v
         for encoding in tokenizer.encode_batch_fast(batch):
             yield torch.tensor([*encoding.ids, eos_id], dtype=torch.int32)
 
-    for doc in read_docs(shard_uri, storage_cfg):
+    for doc in read_docs(shard_uris[index], storage_cfg):
         if split_of(doc.id, val_fraction) != split:
             continue
         batch.append(doc.text)
@@ -94,16 +99,18 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
             for split in SPLITS:
                 split_uri = out.path(split)
                 optimize(
-                    fn=partial(encode_shard, split=split, tokenizer_path=tokenizer_path, eos_id=eos_id,
-                               val_fraction=tc.val_fraction, storage_cfg=cfg.storage),
-                    inputs=shard_uris,
+                    fn=partial(encode_shard, shard_uris=shard_uris, split=split, tokenizer_path=tokenizer_path,
+                               eos_id=eos_id, val_fraction=tc.val_fraction, storage_cfg=cfg.storage),
+                    inputs=list(range(len(shard_uris))),
                     output_dir=split_uri if storage.is_remote(split_uri) else str(Path(split_uri)),
                     chunk_bytes=tc.chunk_bytes,
                     item_loader=TokensLoader(),
                     num_workers=tc.workers,
                     reorder_files=False,
                     keep_data_ordered=True,
-                    start_method="spawn",
+                    # fork: litdata's workers and their uploader processes inherit prepare_litdata's
+                    # http allowance; a spawned worker would start without it and fail on a local endpoint.
+                    start_method="fork",
                     storage_options=options,
                     verbose=False,
                 )

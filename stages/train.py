@@ -45,17 +45,10 @@ from torch.distributed.tensor import DTensor
 
 from stages import storage
 from stages.config import PipelineConfig
-from stages.launch import (
-    METRIC_PREFIX,
-    SUMMARY_PREFIX,
-    checkpoint_uri,
-    checkpoints_uri,
-    run_digest,
-    tokens_manifest_digest,
-)
+from stages.checkpoints import META, checkpoint_uri, checkpoints_uri, complete_checkpoints, dcp_reader, dcp_writer
+from stages.launch import METRIC_PREFIX, SUMMARY_PREFIX, run_digest, tokens_manifest_digest
 from stages.model import Transformer
 
-META = "meta.json"
 METRICS = "metrics.jsonl"
 VAL_BATCHES = 4  # validation batches per rank (of micro_batch_size sequences)
 CACHE_ENV = "PRETRAIN_CACHE_DIR"  # local root for litdata's chunk cache; default ~/.cache/pretrain-pipeline
@@ -272,45 +265,6 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
 # checkpoints
 
 
-def _dcp_writer(uri: str, cfg: PipelineConfig):
-    if storage.is_remote(uri):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # not re-exported in torch 2.13
-
-        # s3fs reads the endpoint and credentials from the environment the launcher set (storage_env).
-        return FsspecWriter(uri, **storage.storage_options(cfg.storage))
-    return dcp.FileSystemWriter(storage.filesystem(uri)[1])
-
-
-def _dcp_reader(uri: str, cfg: PipelineConfig):
-    if storage.is_remote(uri):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        return FsspecReader(uri, **storage.storage_options(cfg.storage))
-    return dcp.FileSystemReader(storage.filesystem(uri)[1])
-
-
-def list_complete_checkpoints(cfg: PipelineConfig) -> list[tuple[int, str]]:
-    """(step, uri) of every checkpoint that has its meta.json, oldest first."""
-    root = checkpoints_uri(cfg)
-    fs, path = storage.filesystem(root, cfg.storage)
-    fs.invalidate_cache()
-    if not fs.exists(path):
-        return []
-    found = []
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith("step-"):
-            continue
-        try:
-            step = int(name.removeprefix("step-"))
-        except ValueError:
-            continue
-        uri = storage.join(root, name)
-        if storage.exists(storage.join(uri, META), cfg.storage):
-            found.append((step, uri))
-    return sorted(found)
-
-
 def _loader_key(rank: int) -> str:
     return f"rank{rank}"
 
@@ -329,7 +283,7 @@ def save_checkpoint(step: int, model, optimizer, loader, train_state: dict, meta
         # Each rank's loader position under its own key (DCP keeps one copy of identical non-tensor keys).
         "loader": {_loader_key(rank): pickle.dumps(loader.state_dict())},
     }
-    dcp.save(state, storage_writer=_dcp_writer(uri, cfg))  # returns on every rank once .metadata is written
+    dcp.save(state, storage_writer=dcp_writer(uri, cfg.storage))  # returns on every rank once .metadata is written
     if rank == 0:
         storage.write_json(storage.join(uri, META), meta, cfg.storage)  # the completion marker, last
     dist.barrier()
@@ -338,7 +292,7 @@ def save_checkpoint(step: int, model, optimizer, loader, train_state: dict, meta
 
 def load_checkpoint(uri: str, model, optimizer, loader, cfg: PipelineConfig) -> dict:
     rank = dist.get_rank()
-    reader = _dcp_reader(uri, cfg)
+    reader = dcp_reader(uri, cfg.storage)
     saved_keys = set(reader.read_metadata().state_dict_metadata)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "train": {"step": 0, "tokens_seen": 0}}
@@ -348,7 +302,7 @@ def load_checkpoint(uri: str, model, optimizer, loader, cfg: PipelineConfig) -> 
     has_loader = f"loader.{key}" in saved_keys
     if has_loader:
         state["loader"] = {key: b""}
-    dcp.load(state, storage_reader=_dcp_reader(uri, cfg))
+    dcp.load(state, storage_reader=dcp_reader(uri, cfg.storage))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if has_loader:
         loader.load_state_dict(pickle.loads(state["loader"][key]))
@@ -443,7 +397,7 @@ def train(cfg: PipelineConfig) -> dict:
     # Resume from the latest complete checkpoint not beyond max_steps; rank 0 decides for everyone.
     choice = [None]
     if rank == 0:
-        found = [c for c in list_complete_checkpoints(cfg) if c[0] <= t.max_steps]
+        found = [c for c in complete_checkpoints(cfg.storage.root, cfg.storage) if c[0] <= t.max_steps]
         choice = [found[-1] if found else None]
     dist.broadcast_object_list(choice, src=0)
     step, tokens_seen, resumed_from = 0, 0, None

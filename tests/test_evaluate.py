@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
-from stages import evaluate
+from stages import checkpoints, evaluate
 from stages.config import PipelineConfig
 from stages.model import Transformer
 
@@ -113,7 +113,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm(setup):
     cfg, root, _ = setup
-    step, ckpt, meta = evaluate.latest_checkpoint(cfg.storage.root)
+    step, ckpt, meta = checkpoints.latest_checkpoint(cfg.storage.root)
     model = evaluate.load_model(ckpt, meta)
     tokenizer = evaluate.load_tokenizer(str(root / "tokenizer" / "tokenizer.json"))
     return evaluate.PipelineLM(model, tokenizer, max_length=SEQ_LEN, batch_size=3, device="cpu")
@@ -164,15 +164,15 @@ def test_run_writes_results_then_skips(setup, lm):
 def test_incomplete_checkpoint_is_ignored(setup):
     cfg, root, _ = setup
     assert (root / "checkpoints" / "step-000009" / ".metadata").exists()
-    assert [s for s, _ in evaluate.find_checkpoints(cfg.storage.root)] == [1, 5]
-    step, ckpt, meta = evaluate.latest_checkpoint(cfg.storage.root)
+    assert [s for s, _ in checkpoints.complete_checkpoints(cfg.storage.root)] == [1, 5]
+    step, ckpt, meta = checkpoints.latest_checkpoint(cfg.storage.root)
     assert step == 5 and meta["step"] == 5
-    assert evaluate.latest_checkpoint(str(root / "nowhere")) is None
+    assert checkpoints.latest_checkpoint(str(root / "nowhere")) is None
 
 
 def test_load_model_reads_only_the_model_and_matches_saved_weights(setup):
     cfg, root, _ = setup
-    step, ckpt, meta = evaluate.latest_checkpoint(cfg.storage.root)
+    step, ckpt, meta = checkpoints.latest_checkpoint(cfg.storage.root)
     loaded = evaluate.load_model(ckpt, meta)
     reference = make_model(meta["vocab_size"], seed=5)
     for name, tensor in reference.state_dict().items():

@@ -1,0 +1,65 @@
+"""Where checkpoints live and which are complete: shared by the trainer, its launcher and evaluation.
+
+A checkpoint is `{root}/checkpoints/step-NNNNNN/`, a torch.distributed.checkpoint (DCP) folder; it is complete
+only once its `meta.json` exists, which the trainer writes last. Everything that picks a checkpoint goes
+through `complete_checkpoints`, so "complete" means the same thing to resume, skip and evaluate.
+"""
+
+from __future__ import annotations
+
+import re
+
+from stages import storage
+from stages.config import PipelineConfig, StorageConfig
+
+META = "meta.json"
+_STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def checkpoints_uri(cfg: PipelineConfig) -> str:
+    return storage.join(cfg.storage.root, "checkpoints")
+
+
+def checkpoint_uri(cfg: PipelineConfig, step: int) -> str:
+    return storage.join(checkpoints_uri(cfg), f"step-{step:06d}")
+
+
+def complete_checkpoints(root: str, storage_cfg: StorageConfig | None = None) -> list[tuple[int, str]]:
+    """(step, uri) of every checkpoint under storage root `root` that has its meta.json, oldest first."""
+    found = []
+    for meta_uri in storage.expand(storage.join(root, "checkpoints", "step-*", META), storage_cfg):
+        ckpt = meta_uri.rsplit("/", 1)[0]
+        match = _STEP_DIR.search(ckpt)
+        if match:
+            found.append((int(match.group(1)), ckpt))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str, storage_cfg: StorageConfig | None = None) -> tuple[int, str, dict] | None:
+    """The newest complete checkpoint as (step, uri, meta), or None."""
+    found = complete_checkpoints(root, storage_cfg)
+    if not found:
+        return None
+    step, ckpt = found[-1]
+    return step, ckpt, storage.read_json(storage.join(ckpt, META), storage_cfg)
+
+
+def dcp_reader(uri: str, storage_cfg: StorageConfig | None = None):
+    """A DCP storage reader for a local folder or an object-store URI (through fsspec/s3fs)."""
+    if storage.is_remote(uri):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # not re-exported in torch 2.13
+
+        return FsspecReader(uri, **storage.storage_options(storage_cfg))
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.FileSystemReader(storage.filesystem(uri)[1])
+
+
+def dcp_writer(uri: str, storage_cfg: StorageConfig | None = None):
+    if storage.is_remote(uri):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(uri, **storage.storage_options(storage_cfg))
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.FileSystemWriter(storage.filesystem(uri)[1])
