@@ -5,6 +5,7 @@ Assumes `python infra/stack.py up` has run (`make demo` does both).
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ def main() -> int:
     stack = json.loads((REPO / ".stack" / "stack.json").read_text())
     env = {"PREFECT_API_URL": api_url(stack["port"])}
     cmd = [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "pretrain/full", "--watch"]
-    proc = subprocess.run(cmd, env={**__import__("os").environ, **env}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
     print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout)
     if match:
@@ -34,6 +35,10 @@ def main() -> int:
     print(f"Outputs under {cfg.storage.root}:")
     for stage in ("ingest", "filter", "dedup", "tokenizer", "tokens", "checkpoints"):
         print(f"  {stage:<11} {storage.join(cfg.storage.root, stage)}")
+    metrics = Path(cfg.storage.root, "checkpoints", "metrics.jsonl")
+    if metrics.exists():
+        steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+        print(f"Training: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}")
     results = sorted(Path(cfg.storage.root, "checkpoints").glob("step-*/eval/results.json"))
     if results:
         data = json.loads(results[-1].read_text())

@@ -1,0 +1,105 @@
+"""Wall time and throughput of every stage on the bundled sample, run as plain functions (no Prefect).
+
+    .venv/bin/python bench/stage_times.py [--preset tiny] [--write]
+
+Runs each stage from scratch into a temporary root, then once more to time the skip path, prints a table and
+with --write replaces the "Stage times" section of BENCHMARKS.md with it and the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from stages import dedup, evaluate, filter, ingest, launch, tokenize, tokenizer  # noqa: E402
+from stages.config import load_config  # noqa: E402
+
+SECTION = "## Stage times on the sample"
+
+
+def measure(preset: str) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        cfg = load_config(preset, {"storage.root": root})
+        stages = [("ingest", ingest.run), ("filter", filter.run), ("dedup", dedup.run), ("tokenizer", tokenizer.run),
+                  ("tokenize", tokenize.run), ("train", lambda c, log: launch.run_training(c, on_line=log)),
+                  ("evaluate", evaluate.run)]
+        for name, run in stages:
+            started = time.perf_counter()
+            stats = run(cfg, log=lambda _: None)
+            seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            again = run(cfg, log=lambda _: None)
+            skip_seconds = time.perf_counter() - started
+            assert again["skipped"], f"{name} did not skip on rerun"
+            rows.append({"stage": name, "seconds": seconds, "skip_seconds": skip_seconds, "stats": stats})
+    return rows
+
+
+def describe(row: dict) -> str:
+    s = row["stats"]
+    if row["stage"] in ("ingest", "filter", "dedup"):
+        return f"{s['docs_in']} -> {s['docs_out']} docs, {s['docs_in'] / row['seconds']:.0f} docs/s"
+    if row["stage"] == "tokenizer":
+        return f"vocab {s['vocab_size']}, trained on {s['train_chars']:,} chars"
+    if row["stage"] == "tokenize":
+        total = sum(s["tokens"].values())
+        return f"{total:,} tokens ({s['tokens']['train']:,} train), {total / row['seconds']:,.0f} tokens/s"
+    if row["stage"] == "train":
+        return (f"{s['steps']} steps, loss {s['first_loss']:.2f} -> {s['final_loss']:.2f}, "
+                f"{s['tokens_per_s']:,.0f} tokens/s while stepping")
+    metrics = s["metrics"].get("heldout_ppl", {})
+    return f"heldout bits/byte {metrics.get('bits_per_byte', float('nan')):.3f} on {s['docs']} docs"
+
+
+def table(rows: list[dict], command: str) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{command}`",
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; "
+        f"measured {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| stage | first run (s) | rerun, skipped (s) | what it did |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [f"| {r['stage']} | {r['seconds']:.1f} | {r['skip_seconds']:.2f} | {describe(r)} |" for r in rows]
+    total = sum(r["seconds"] for r in rows)
+    lines += [f"| all | {total:.1f} | {sum(r['skip_seconds'] for r in rows):.1f} | |", ""]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    path = REPO / "BENCHMARKS.md"
+    body = path.read_text() if path.exists() else "# Benchmarks\n\nFigures from `bench/`, each with the command that reproduces it.\n\n"
+    if SECTION in body:
+        head, _, rest = body.partition(SECTION)
+        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        body = head + text + tail
+    else:
+        body = body.rstrip("\n") + "\n\n" + text
+    path.write_text(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    args = parser.parse_args()
+    command = "python bench/stage_times.py" + (f" --preset {args.preset}" if args.preset != "tiny" else "") + " --write"
+    text = table(measure(args.preset), command)
+    print(text)
+    if args.write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
