@@ -28,4 +28,5 @@ demo: stack
 	$(PY) infra/demo.py
 
 test: install
+	$(PY) -m ruff check stages flows infra tests bench
 	$(PY) -m pytest -q

@@ -29,9 +29,15 @@ def measure(preset: str) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config(preset, {"storage.root": root})
-        stages = [("ingest", ingest.run), ("filter", filter.run), ("dedup", dedup.run), ("tokenizer", tokenizer.run),
-                  ("tokenize", tokenize.run), ("train", lambda c, log: launch.run_training(c, on_line=log)),
-                  ("evaluate", evaluate.run)]
+        stages = [
+            ("ingest", ingest.run),
+            ("filter", filter.run),
+            ("dedup", dedup.run),
+            ("tokenizer", tokenizer.run),
+            ("tokenize", tokenize.run),
+            ("train", lambda c, log: launch.run_training(c, on_line=log)),
+            ("evaluate", evaluate.run),
+        ]
         for name, run in stages:
             started = time.perf_counter()
             stats = run(cfg, log=lambda _: None)
@@ -54,8 +60,10 @@ def describe(row: dict) -> str:
         total = sum(s["tokens"].values())
         return f"{total:,} tokens ({s['tokens']['train']:,} train), {total / row['seconds']:,.0f} tokens/s"
     if row["stage"] == "train":
-        return (f"{s['steps']} steps, loss {s['first_loss']:.2f} -> {s['final_loss']:.2f}, "
-                f"{s['tokens_per_s']:,.0f} tokens/s while stepping")
+        return (
+            f"{s['steps']} steps, loss {s['first_loss']:.2f} -> {s['final_loss']:.2f}, "
+            f"{s['tokens_per_s']:,.0f} tokens/s while stepping"
+        )
     metrics = s["metrics"].get("heldout_ppl", {})
     return f"heldout bits/byte {metrics.get('bits_per_byte', float('nan')):.3f} on {s['docs']} docs"
 
@@ -79,10 +87,14 @@ def table(rows: list[dict], command: str) -> str:
 
 def write_section(text: str) -> None:
     path = REPO / "BENCHMARKS.md"
-    body = path.read_text() if path.exists() else "# Benchmarks\n\nFigures from `bench/`, each with the command that reproduces it.\n\n"
+    body = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nFigures from `bench/`, each with the command that reproduces it.\n\n"
+    )
     if SECTION in body:
         head, _, rest = body.partition(SECTION)
-        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        tail = rest[rest.find("\n## ") :] if "\n## " in rest else ""
         body = head + text + tail
     else:
         body = body.rstrip("\n") + "\n\n" + text

@@ -27,7 +27,9 @@ def _rows(stats: dict, prefix: str = "") -> list[dict[str, str]]:
         if isinstance(value, dict):
             rows += _rows(value, f"{prefix}{key}.")
         else:
-            rows.append({"metric": f"{prefix}{key}", "value": json.dumps(value) if not isinstance(value, str) else value})
+            rows.append(
+                {"metric": f"{prefix}{key}", "value": json.dumps(value) if not isinstance(value, str) else value}
+            )
     return rows
 
 
@@ -66,7 +68,9 @@ def funnel(stats: dict[str, dict]) -> str:
     for stage in ("ingest", "filter", "dedup"):
         lines.append(f"| {stage} | {stats[stage]['docs_out']} | {stats[stage]['bytes_out']} | |")
     tokens = stats["tokenize"]["tokens"]
-    lines.append(f"| tokenize | {stats['tokenize']['docs_in']} | | {tokens.get('train', 0)} train / {tokens.get('val', 0)} val |")
+    lines.append(
+        f"| tokenize | {stats['tokenize']['docs_in']} | | {tokens.get('train', 0)} train / {tokens.get('val', 0)} val |"
+    )
     return "\n".join(lines)
 
 

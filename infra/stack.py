@@ -118,8 +118,13 @@ def deployment_registered(port: int) -> bool:
 def create_buckets(s3_port: int) -> None:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=f"http://{HOST}:{s3_port}", region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://{HOST}:{s3_port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     for bucket in S3_BUCKETS:
         if bucket not in existing:
@@ -131,16 +136,40 @@ def up(state: Path, port: int, s3_port: int | None) -> list[str]:
     env = base_env(state, port)
     report = []
     if s3_port:
-        report.append(ensure_process(
-            state, "s3", s3_port, [str(BIN / "moto_server"), "-H", HOST, "-p", str(s3_port)], env,
-            lambda: port_open(s3_port), f"S3 endpoint http://{HOST}:{s3_port}"))
+        report.append(
+            ensure_process(
+                state,
+                "s3",
+                s3_port,
+                [str(BIN / "moto_server"), "-H", HOST, "-p", str(s3_port)],
+                env,
+                lambda: port_open(s3_port),
+                f"S3 endpoint http://{HOST}:{s3_port}",
+            )
+        )
         create_buckets(s3_port)
-    report.append(ensure_process(
-        state, "server", port, [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)], env,
-        lambda: http_ok(f"{api_url(port)}/health"), f"Prefect server http://{HOST}:{port}"))
-    report.append(ensure_process(
-        state, "serve", None, [sys.executable, "-m", "flows.serve"], env,
-        lambda: deployment_registered(port), "deployments (pretrain/full)"))
+    report.append(
+        ensure_process(
+            state,
+            "server",
+            port,
+            [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)],
+            env,
+            lambda: http_ok(f"{api_url(port)}/health"),
+            f"Prefect server http://{HOST}:{port}",
+        )
+    )
+    report.append(
+        ensure_process(
+            state,
+            "serve",
+            None,
+            [sys.executable, "-m", "flows.serve"],
+            env,
+            lambda: deployment_registered(port),
+            "deployments (pretrain/full)",
+        )
+    )
     (state / "env.sh").write_text(f"export PREFECT_API_URL={api_url(port)}\n")
     (state / "stack.json").write_text(json.dumps({"port": port, "s3_port": s3_port}))
     return report

@@ -50,6 +50,7 @@ class IngestConfig(Strict):
     inputs: list[str] = Field(min_length=1)
     docs_per_shard: int = Field(5000, gt=0)
     min_text_chars: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1)  # processes; one input file each at a time
 
 
 class FilterConfig(Strict):
@@ -58,6 +59,7 @@ class FilterConfig(Strict):
     languages: list[str] = ["en"]
     language_threshold: float = Field(0.65, ge=0.0, le=1.0)
     lid_model_path: str = "models/lid.176.ftz"
+    workers: int = Field(1, ge=1)  # processes; one ingest shard each at a time
     gopher_repetition: bool = True
     gopher_quality: bool = True
     c4_quality: bool = True
@@ -149,6 +151,9 @@ class PipelineConfig(Strict):
     def section_digest(self, *sections: str) -> str:
         """Digest of the named sections: a stage's identity includes only the config it reads."""
         data = self.model_dump(mode="json", include=set(sections))
+        for section in data.values():
+            if isinstance(section, dict):
+                section.pop("workers", None)  # how many processes changes the speed, never the output
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:

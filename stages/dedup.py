@@ -148,7 +148,10 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
             "bytes_out": bytes_out,
             "removed": {"exact": len(exact), "near": len(near)},
         }
-        stats = {"clusters": len(cluster_sizes), "cluster_size_histogram": {str(k): v for k, v in sorted(histogram.items())}}
+        stats = {
+            "clusters": len(cluster_sizes),
+            "cluster_size_histogram": {str(k): v for k, v in sorted(histogram.items())},
+        }
         return StageResult(files, counts, stats)
 
     return run_stage(out, identity, build, log)

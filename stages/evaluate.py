@@ -68,8 +68,9 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
-def load_model(ckpt: str, meta: dict, storage: StorageConfig | None = None,
-               device: str | torch.device = "cpu") -> Transformer:
+def load_model(
+    ckpt: str, meta: dict, storage: StorageConfig | None = None, device: str | torch.device = "cpu"
+) -> Transformer:
     """Build the Transformer described by meta.json and load only the "model" entry of the DCP checkpoint.
 
     No process group is needed: `no_dist=True` reads every shard in this process (a checkpoint saved by N
@@ -123,9 +124,18 @@ class PipelineLM(LM):
     their last `max_length` tokens.
     """
 
-    def __init__(self, model: Transformer, tokenizer, *, max_length: int, batch_size: int = 8,
-                 device: str | torch.device | None = None, eos_token: str = EOS_TOKEN,
-                 max_gen_toks: int = 256, info: dict | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        *,
+        max_length: int,
+        batch_size: int = 8,
+        device: str | torch.device | None = None,
+        eos_token: str = EOS_TOKEN,
+        max_gen_toks: int = 256,
+        info: dict | None = None,
+    ):
         super().__init__()
         # lm-eval's LM exposes a read-only `device` property backed by `_device`
         self._device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -170,7 +180,7 @@ class PipelineLM(LM):
             return [self.prefix_token_id], self.tok_encode(continuation)
         whole = self.tok_encode(context + continuation)
         ctx = self.tok_encode(context)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     # -- forward
     @torch.inference_mode()
@@ -194,17 +204,17 @@ class PipelineLM(LM):
                 raise ValueError(f"continuation of {len(cont)} tokens is longer than max_length {self.max_length}")
             if not ctx:
                 ctx = [self.prefix_token_id]
-            inputs.append((ctx + cont)[-(self.max_length + 1):][:-1])
+            inputs.append((ctx + cont)[-(self.max_length + 1) :][:-1])
             n_conts.append(len(cont))
         results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         # longest first: similar lengths share a batch, and an out-of-memory error shows up at once
         order = sorted((i for i, x in enumerate(inputs) if x is not None), key=lambda i: -len(inputs[i]))
         for start in range(0, len(order), self.batch_size):
-            idx = order[start: start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             logits = self._forward_padded([inputs[i] for i in idx])
             for row, i in enumerate(idx):
                 n, length = n_conts[i], len(inputs[i])
-                logprobs = F.log_softmax(logits[row, length - n: length].float(), dim=-1)
+                logprobs = F.log_softmax(logits[row, length - n : length].float(), dim=-1)
                 target = torch.tensor(pairs[i][1], dtype=torch.long, device=logprobs.device)
                 total = logprobs.gather(-1, target[:, None]).sum().item()
                 greedy = bool((logprobs.argmax(-1) == target).all().item())
@@ -225,8 +235,10 @@ class PipelineLM(LM):
         return [
             lm_utils.make_disjoint_window(w)
             for w in lm_utils.get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1,
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
             )
         ]
 
@@ -262,22 +274,22 @@ class PipelineLM(LM):
             prompt = self.tok_encode(context) if context else [self.prefix_token_id]
             jobs.append({"n": n, "tokens": prompt, "start": len(prompt), "until": until, "max_new": max_new})
         for start in range(0, len(jobs), self.batch_size):
-            active = [j for j in jobs[start: start + self.batch_size] if j["max_new"] > 0]
+            active = [j for j in jobs[start : start + self.batch_size] if j["max_new"] > 0]
             while active:
-                seqs = [j["tokens"][-self.max_length:] for j in active]
+                seqs = [j["tokens"][-self.max_length :] for j in active]
                 logits = self._forward_padded(seqs)
                 still = []
                 for row, job in enumerate(active):
                     nxt = int(logits[row, len(seqs[row]) - 1].argmax().item())
                     job["tokens"].append(nxt)
-                    generated = job["tokens"][job["start"]:]
+                    generated = job["tokens"][job["start"] :]
                     text = self.tok_decode(generated)
                     done = nxt == self.eos_token_id or len(generated) >= job["max_new"]
                     if not done and not any(s in text for s in job["until"]):
                         still.append(job)
                 active = still
-            for job in jobs[start: start + self.batch_size]:
-                text = self.tok_decode(job["tokens"][job["start"]:])
+            for job in jobs[start : start + self.batch_size]:
+                text = self.tok_decode(job["tokens"][job["start"] :])
                 for stop in job["until"]:
                     text = text.split(stop, 1)[0]
                 outputs[job["n"]] = text
@@ -298,23 +310,27 @@ def render_tasks(dest: Path, values: dict[str, str], source: Path = TASKS_DIR) -
         target = dest / path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix in (".yaml", ".yml"):
+
             def fill(match: re.Match, where: Path = path) -> str:
                 if match.group(1) not in values:
                     raise KeyError(f"{where}: unknown placeholder ${{{match.group(1)}}} (known: {sorted(values)})")
                 return json.dumps(values[match.group(1)])
 
             lines = path.read_text().splitlines(keepends=True)
-            target.write_text("".join(
-                line if line.lstrip().startswith("#") else _PLACEHOLDER.sub(fill, line) for line in lines
-            ))
+            target.write_text(
+                "".join(line if line.lstrip().startswith("#") else _PLACEHOLDER.sub(fill, line) for line in lines)
+            )
         else:
             shutil.copy2(path, target)
     return dest
 
 
 def tasks_digest(source: Path = TASKS_DIR) -> str:
-    files = {str(p.relative_to(source)): p.read_text() for p in sorted(source.rglob("*"))
-             if p.is_file() and "__pycache__" not in p.parts}
+    files = {
+        str(p.relative_to(source)): p.read_text()
+        for p in sorted(source.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     return digest_of(files)
 
 
@@ -388,7 +404,9 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | t
     root, storage = cfg.storage.root, cfg.storage
     latest = latest_checkpoint(root, storage)
     if latest is None:
-        raise FileNotFoundError(f"no complete checkpoint (a step-*/ folder with meta.json) under {join(root, 'checkpoints')}")
+        raise FileNotFoundError(
+            f"no complete checkpoint (a step-*/ folder with meta.json) under {join(root, 'checkpoints')}"
+        )
     step, ckpt, meta = latest
     val_uri = join(root, "tokens", "val_docs.jsonl")
     if not exists(val_uri, storage):
@@ -420,9 +438,15 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | t
     tokenizer = load_tokenizer(tokenizer_uri, storage)
     if tokenizer.get_vocab_size() > model.vocab_size:
         raise ValueError(f"{tokenizer_uri}: {tokenizer.get_vocab_size()} tokens but the model has {model.vocab_size}")
-    lm = PipelineLM(model, tokenizer, max_length=cfg.train.seq_len, batch_size=cfg.evaluate.batch_size,
-                    device=dev, eos_token=cfg.tokenizer.eos_token,
-                    info={"checkpoint": ckpt, "step": step, "tokenizer_uri": tokenizer_uri})
+    lm = PipelineLM(
+        model,
+        tokenizer,
+        max_length=cfg.train.seq_len,
+        batch_size=cfg.evaluate.batch_size,
+        device=dev,
+        eos_token=cfg.tokenizer.eos_token,
+        info={"checkpoint": ckpt, "step": step, "tokenizer_uri": tokenizer_uri},
+    )
 
     import lm_eval
 
@@ -431,10 +455,13 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | t
         n_docs = write_heldout(val_uri, docs_path, cfg.evaluate.max_docs, storage)
         if n_docs == 0:
             raise ValueError(f"{val_uri}: no non-empty documents")
-        include = render_tasks(Path(tmp) / "tasks", {
-            "HELDOUT_DOCS": str(docs_path),
-            "DATASETS_CACHE": str(Path(tmp) / "datasets_cache"),
-        })
+        include = render_tasks(
+            Path(tmp) / "tasks",
+            {
+                "HELDOUT_DOCS": str(docs_path),
+                "DATASETS_CACHE": str(Path(tmp) / "datasets_cache"),
+            },
+        )
         log(f"evaluate: {n_docs} held-out docs, tasks {cfg.evaluate.tasks}")
         results = lm_eval.simple_evaluate(
             model=lm,
@@ -450,8 +477,11 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | t
     results.pop("samples", None)
     # the run-time copies are gone once the temp dir is: record where the documents came from instead
     results = _clean(results)
-    results = json.loads(json.dumps(results).replace(json.dumps(str(docs_path))[1:-1], json.dumps(val_uri)[1:-1])
-                         .replace(json.dumps(tmp)[1:-1], "<tmp>"))
+    results = json.loads(
+        json.dumps(results)
+        .replace(json.dumps(str(docs_path))[1:-1], json.dumps(val_uri)[1:-1])
+        .replace(json.dumps(tmp)[1:-1], "<tmp>")
+    )
     results["heldout"] = {"uri": val_uri, "docs": n_docs, "max_docs": cfg.evaluate.max_docs}
     write_json(out.path("results.json"), results, storage)
 
@@ -470,5 +500,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | t
     }
     out.commit(identity, counts={"docs": n_docs, "tokens": lm.tokens_forwarded}, stats=stats, files=["results.json"])
     for task, values in metrics.items():
-        log(f"evaluate: {task}: " + ", ".join(f"{k}={v:.4g}" if v is not None else f"{k}=nan" for k, v in values.items()))
+        log(
+            f"evaluate: {task}: "
+            + ", ".join(f"{k}={v:.4g}" if v is not None else f"{k}=nan" for k, v in values.items())
+        )
     return stats

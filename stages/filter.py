@@ -104,7 +104,7 @@ def output(cfg: PipelineConfig) -> StageOutput:
     return StageOutput("filter", storage.join(cfg.storage.root, "filter"), cfg.storage)
 
 
-def run(cfg: PipelineConfig, log: Log = print, workers: int = 1) -> dict:
+def run(cfg: PipelineConfig, log: Log = print) -> dict:
     upstream = ingest_output(cfg)
     shards = committed_shards(upstream)
     out = output(cfg)
@@ -116,16 +116,14 @@ def run(cfg: PipelineConfig, log: Log = print, workers: int = 1) -> dict:
 
     def build() -> StageResult:
         results = map_in_processes(
-            partial(filter_shard, cfg=cfg, in_uri=upstream.uri, out_uri=out.uri), shards, workers
+            partial(filter_shard, cfg=cfg, in_uri=upstream.uri, out_uri=out.uri), shards, cfg.filter.workers
         )
         removed: Counter = Counter()
         languages: Counter = Counter()
         for result in results:
             removed.update(result["removed"])
             languages.update(result["languages"])
-        counts = {
-            key: sum(r[key] for r in results) for key in ("docs_in", "bytes_in", "docs_out", "bytes_out")
-        }
+        counts = {key: sum(r[key] for r in results) for key in ("docs_in", "bytes_in", "docs_out", "bytes_out")}
         counts["removed"] = {name: removed.get(name, 0) for name, _ in build_rules(cfg)}
         for rule, n in counts["removed"].items():
             log(f"filter: {rule} removed {n} documents")
@@ -133,4 +131,3 @@ def run(cfg: PipelineConfig, log: Log = print, workers: int = 1) -> dict:
         return StageResult(files, counts, {"languages": dict(languages.most_common())})
 
     return run_stage(out, identity, build, log)
-

@@ -121,12 +121,14 @@ def output(cfg: PipelineConfig) -> StageOutput:
     return StageOutput("ingest", storage.join(cfg.storage.root, "ingest"), cfg.storage)
 
 
-def run(cfg: PipelineConfig, log: Log = print, workers: int = 1) -> dict:
+def run(cfg: PipelineConfig, log: Log = print) -> dict:
     inputs = list_inputs(cfg)
     out = output(cfg)
 
     def build() -> StageResult:
-        per_file = map_in_processes(partial(ingest_file, cfg=cfg, out_uri=out.uri), enumerate(inputs), workers)
+        per_file = map_in_processes(
+            partial(ingest_file, cfg=cfg, out_uri=out.uri), enumerate(inputs), cfg.ingest.workers
+        )
         files, by_format = [], Counter()
         for result in per_file:
             files += result["files"]

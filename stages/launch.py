@@ -59,8 +59,15 @@ def child_config_json(cfg: PipelineConfig) -> str:
 
 def torchrun_command(cfg: PipelineConfig, config_file: str) -> list[str]:
     t = cfg.train
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(t.nproc_per_node),
-           "--nnodes", str(t.nnodes)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(t.nproc_per_node),
+        "--nnodes",
+        str(t.nnodes),
+    ]
     if t.nnodes == 1:
         cmd.append("--standalone")
     else:
@@ -88,7 +95,7 @@ def _parse(line: str, prefix: str) -> dict | None:
     if idx < 0:
         return None
     try:
-        return json.loads(line[idx + len(prefix):])
+        return json.loads(line[idx + len(prefix) :])
     except json.JSONDecodeError:
         return None
 
@@ -99,8 +106,13 @@ def run_training(cfg: PipelineConfig, on_line: Callable[[str], None] = print) ->
     done = _completed_summary(cfg)
     if done is not None:
         on_line(f"training already complete at {checkpoint_uri(cfg, cfg.train.max_steps)}: skipped")
-        return {**done, "skipped": True, "seconds": round(time.time() - started, 3),
-                "initial_loss": done.get("first_loss"), "final_loss": done.get("final_loss")}
+        return {
+            **done,
+            "skipped": True,
+            "seconds": round(time.time() - started, 3),
+            "initial_loss": done.get("first_loss"),
+            "final_loss": done.get("final_loss"),
+        }
 
     index = storage.join(cfg.storage.root, "tokens", "train", "index.json")
     if not storage.exists(index, cfg.storage):  # fail here, not after torchrun has started every rank
@@ -121,9 +133,18 @@ def run_training(cfg: PipelineConfig, on_line: Callable[[str], None] = print) ->
             f.write(child_config_json(cfg))
         os.chmod(config_file, 0o600)
         cmd = torchrun_command(cfg, config_file)
-        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, bufsize=1, errors="replace",
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=str(REPO_ROOT),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            errors="replace",
+            start_new_session=True,
+        )
         try:
             assert proc.stdout is not None
             for raw in proc.stdout:
@@ -142,14 +163,21 @@ def run_training(cfg: PipelineConfig, on_line: Callable[[str], None] = print) ->
             raise
     if code != 0:
         cause = _first_traceback(list(history))
-        raise RuntimeError(f"training failed: torchrun exited with code {code}"
-                           + (f"; first error:\n{cause}" if cause else "")
-                           + f"\n--- last {len(tail)} lines of output ---\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"training failed: torchrun exited with code {code}"
+            + (f"; first error:\n{cause}" if cause else "")
+            + f"\n--- last {len(tail)} lines of output ---\n"
+            + "\n".join(tail)
+        )
     if summary is None:
         raise RuntimeError("training exited 0 but printed no SUMMARY line; last lines:\n" + "\n".join(tail))
-    return {**summary, "skipped": False, "seconds": round(time.time() - started, 3),
-            "initial_loss": initial_loss if initial_loss is not None else summary.get("first_loss"),
-            "final_loss": summary.get("final_loss")}
+    return {
+        **summary,
+        "skipped": False,
+        "seconds": round(time.time() - started, 3),
+        "initial_loss": initial_loss if initial_loss is not None else summary.get("first_loss"),
+        "final_loss": summary.get("final_loss"),
+    }
 
 
 def _first_traceback(lines: list[str], limit: int = 60) -> str | None:
@@ -162,15 +190,15 @@ def _first_traceback(lines: list[str], limit: int = 60) -> str | None:
             continue
         prefix = line[: line.index(marker)]
         block = [line]
-        for nxt in lines[i + 1:]:
+        for nxt in lines[i + 1 :]:
             if prefix and not nxt.startswith(prefix):
                 continue
             block.append(nxt)
-            body = nxt[len(prefix):]
+            body = nxt[len(prefix) :]
             if body and not body[0].isspace():
                 break
         if len(block) > limit:
-            block = block[:10] + ["..."] + block[-(limit - 11):]
+            block = block[:10] + ["..."] + block[-(limit - 11) :]
         return "\n".join(block)
     return None
 

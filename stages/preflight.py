@@ -17,9 +17,9 @@ def _check_storage_root(cfg: PipelineConfig) -> None:
     root = cfg.storage.root
     if not storage.is_remote(root):
         return
+    import boto3
     import botocore.config
     import botocore.exceptions
-    import boto3
 
     bucket = root.split("://", 1)[1].split("/", 1)[0]
     quick = botocore.config.Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 1})
@@ -34,7 +34,9 @@ def _check_storage_root(cfg: PipelineConfig) -> None:
         raise ConfigError("storage: no S3 credentials (set storage.access_key_id/secret_access_key or AWS_*)") from None
     except botocore.exceptions.ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "?")
-        what = {"404": "does not exist", "403": "is not accessible with these credentials"}.get(code, f"failed ({code})")
+        what = {"404": "does not exist", "403": "is not accessible with these credentials"}.get(
+            code, f"failed ({code})"
+        )
         raise ConfigError(f"storage.root: bucket {bucket!r} at {endpoint} {what}") from None
 
 

@@ -218,8 +218,10 @@ class StageOutput:
 
 
 def effective_endpoint(cfg: StorageConfig | None) -> str | None:
-    return (cfg.endpoint_url if cfg else None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
+    return (
+        (cfg.endpoint_url if cfg else None)
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
     )
 
 

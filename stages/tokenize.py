@@ -38,8 +38,15 @@ def split_of(doc_id: str, val_fraction: float) -> str:
     return "val" if xxhash.xxh64_intdigest(doc_id.encode()) % 1_000_000 < val_fraction * 1_000_000 else "train"
 
 
-def encode_shard(index: int, shard_uris: list[str], split: str, tokenizer_path: str, eos_id: int,
-                 val_fraction: float, storage_cfg: StorageConfig | None):
+def encode_shard(
+    index: int,
+    shard_uris: list[str],
+    split: str,
+    tokenizer_path: str,
+    eos_id: int,
+    val_fraction: float,
+    storage_cfg: StorageConfig | None,
+):
     """litdata worker function: yields one int32 tensor (a document's ids + EOS) per document of the split.
 
     It takes the shard's index, not its URI: litdata treats string inputs that look like remote paths as files to
@@ -99,8 +106,15 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
             for split in SPLITS:
                 split_uri = out.path(split)
                 optimize(
-                    fn=partial(encode_shard, shard_uris=shard_uris, split=split, tokenizer_path=tokenizer_path,
-                               eos_id=eos_id, val_fraction=tc.val_fraction, storage_cfg=cfg.storage),
+                    fn=partial(
+                        encode_shard,
+                        shard_uris=shard_uris,
+                        split=split,
+                        tokenizer_path=tokenizer_path,
+                        eos_id=eos_id,
+                        val_fraction=tc.val_fraction,
+                        storage_cfg=cfg.storage,
+                    ),
                     inputs=list(range(len(shard_uris))),
                     output_dir=split_uri if storage.is_remote(split_uri) else str(Path(split_uri)),
                     chunk_bytes=tc.chunk_bytes,

@@ -57,7 +57,11 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         source = {"path": tc.path, "fingerprint": storage.raw_fingerprint(tc.path)}
     else:
         source = {"trained_on": upstream_digest(upstream)}
-    identity = {"code": code_version(sys.modules[__name__]), "config": cfg.section_digest("tokenizer"), "inputs": source}
+    identity = {
+        "code": code_version(sys.modules[__name__]),
+        "config": cfg.section_digest("tokenizer"),
+        "inputs": source,
+    }
 
     def sample() -> Iterator[str]:
         budget = tc.max_train_chars

@@ -44,8 +44,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from stages import storage
-from stages.config import PipelineConfig
 from stages.checkpoints import META, checkpoint_uri, checkpoints_uri, complete_checkpoints, dcp_reader, dcp_writer
+from stages.config import PipelineConfig
 from stages.launch import METRIC_PREFIX, SUMMARY_PREFIX, run_digest, tokens_manifest_digest
 from stages.model import Transformer
 
@@ -72,8 +72,14 @@ def _free_port() -> int:
 
 def setup_distributed(cfg: PipelineConfig) -> tuple[torch.device, Any]:
     if "RANK" not in os.environ:  # plain `python -m stages.train`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device")
@@ -121,10 +127,8 @@ def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device, mesh
 def build_optimizer(model: torch.nn.Module, cfg: PipelineConfig, device: torch.device) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8,
-                             foreach=device.type == "cuda")
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8, foreach=device.type == "cuda")
 
 
 def lr_at(step: int, cfg: PipelineConfig) -> float:
@@ -203,7 +207,8 @@ class Batches:
                 if empty_epochs > 1:
                     raise RuntimeError(
                         f"training data gives this rank no full batch of {self.batch_size} sequences per epoch: "
-                        "lower train.micro_batch_size / seq_len / nproc or tokenize more text") from None
+                        "lower train.micro_batch_size / seq_len / nproc or tokenize more text"
+                    ) from None
                 continue
             if batch.shape[0] == self.batch_size:
                 return batch
@@ -390,8 +395,9 @@ def train(cfg: PipelineConfig) -> dict:
     optimizer = build_optimizer(model, cfg, device)
     log(f"model: {n_params:,} parameters, vocab {vocab_size}")
 
-    loader = StreamingDataLoader(make_dataset(cfg, "train", shuffle=True), batch_size=t.micro_batch_size,
-                                 num_workers=t.loader_workers)
+    loader = StreamingDataLoader(
+        make_dataset(cfg, "train", shuffle=True), batch_size=t.micro_batch_size, num_workers=t.loader_workers
+    )
     val_batches = load_val_batches(cfg, device)
 
     # Resume from the latest complete checkpoint not beyond max_steps; rank 0 decides for everyone.
@@ -438,32 +444,67 @@ def train(cfg: PipelineConfig) -> dict:
         first_loss = loss_value if first_loss is None else first_loss
         final_loss = loss_value
         if rank == 0:
-            record = {"step": step, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                      "tokens_per_s": round(tokens_per_step / dt, 1), "elapsed": round(time.time() - started, 3),
-                      "tokens_seen": tokens_seen}
+            record = {
+                "step": step,
+                "loss": round(loss_value, 6),
+                "lr": lr,
+                "grad_norm": round(grad_norm, 6),
+                "tokens_per_s": round(tokens_per_step / dt, 1),
+                "elapsed": round(time.time() - started, 3),
+                "tokens_seen": tokens_seen,
+            }
             metrics.append(record)
             emit(METRIC_PREFIX, record)
 
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             val_loss = evaluate(model, val_batches, device)
-            meta = {"step": step, "tokens_seen": tokens_seen, "train_loss": final_loss, "val_loss": val_loss,
-                    "model": cfg.model.model_dump(), "vocab_size": vocab_size, "tokenizer_uri": tokenizer_uri,
-                    "run_digest": digest, "tokens_digest": tokens_digest, "world_size": world,
-                    "seq_len": t.seq_len}
+            meta = {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "train_loss": final_loss,
+                "val_loss": val_loss,
+                "model": cfg.model.model_dump(),
+                "vocab_size": vocab_size,
+                "tokenizer_uri": tokenizer_uri,
+                "run_digest": digest,
+                "tokens_digest": tokens_digest,
+                "world_size": world,
+                "seq_len": t.seq_len,
+            }
             if step == t.max_steps:
-                meta["summary"] = _summary(step, first_loss, final_loss, val_loss, tokens_seen,
-                                           (step - start_step) * tokens_per_step, train_seconds,
-                                           checkpoint_uri(cfg, step), n_params, start_step)
-            last_ckpt = save_checkpoint(step, model, optimizer, loader, {"step": step, "tokens_seen": tokens_seen},
-                                        meta, cfg)
+                meta["summary"] = _summary(
+                    step,
+                    first_loss,
+                    final_loss,
+                    val_loss,
+                    tokens_seen,
+                    (step - start_step) * tokens_per_step,
+                    train_seconds,
+                    checkpoint_uri(cfg, step),
+                    n_params,
+                    start_step,
+                )
+            last_ckpt = save_checkpoint(
+                step, model, optimizer, loader, {"step": step, "tokens_seen": tokens_seen}, meta, cfg
+            )
             if metrics:
                 metrics.flush()
             log(f"checkpoint {last_ckpt} (val_loss {val_loss})")
 
     if start_step >= t.max_steps:  # nothing left to do: report what the checkpoint holds
         val_loss = evaluate(model, val_batches, device)
-    summary = _summary(step, first_loss, final_loss, val_loss, tokens_seen, (step - start_step) * tokens_per_step,
-                       train_seconds, last_ckpt, n_params, start_step)
+    summary = _summary(
+        step,
+        first_loss,
+        final_loss,
+        val_loss,
+        tokens_seen,
+        (step - start_step) * tokens_per_step,
+        train_seconds,
+        last_ckpt,
+        n_params,
+        start_step,
+    )
     if rank == 0:
         metrics.close()
         emit(SUMMARY_PREFIX, summary)
@@ -471,12 +512,20 @@ def train(cfg: PipelineConfig) -> dict:
     return summary
 
 
-def _summary(step, first_loss, final_loss, val_loss, tokens_seen, tokens_this_run, seconds, ckpt, n_params,
-             start_step) -> dict:
-    return {"steps": step, "start_step": start_step, "first_loss": first_loss, "final_loss": final_loss,
-            "val_loss": val_loss, "tokens_seen": tokens_seen,
-            "tokens_per_s": round(tokens_this_run / seconds, 1) if seconds > 0 else None,
-            "checkpoint": ckpt, "params": n_params}
+def _summary(
+    step, first_loss, final_loss, val_loss, tokens_seen, tokens_this_run, seconds, ckpt, n_params, start_step
+) -> dict:
+    return {
+        "steps": step,
+        "start_step": start_step,
+        "first_loss": first_loss,
+        "final_loss": final_loss,
+        "val_loss": val_loss,
+        "tokens_seen": tokens_seen,
+        "tokens_per_s": round(tokens_this_run / seconds, 1) if seconds > 0 else None,
+        "checkpoint": ckpt,
+        "params": n_params,
+    }
 
 
 @record  # torchrun's failure summary then carries the exception instead of "To enable traceback see ..."

@@ -48,7 +48,9 @@ def test_unknown_preset_and_bad_yaml(tmp_path):
 
 
 def test_preflight_rejects_missing_inputs_before_work(tmp_path):
-    cfg = load_config("tiny", {"ingest.inputs": [str(tmp_path / "nowhere" / "*.jsonl")], "storage.root": str(tmp_path / "out")})
+    cfg = load_config(
+        "tiny", {"ingest.inputs": [str(tmp_path / "nowhere" / "*.jsonl")], "storage.root": str(tmp_path / "out")}
+    )
     with pytest.raises(ConfigError, match=r"ingest.inputs: .*nowhere.* matches no file"):
         preflight(cfg)
     assert not (tmp_path / "out").exists()
@@ -61,6 +63,8 @@ def test_preflight_names_unreachable_endpoint_and_missing_bucket(s3_endpoint):
     dead = load_config("tiny-s3", {"storage.endpoint_url": "http://127.0.0.1:9"})
     with pytest.raises(ConfigError, match="storage.endpoint_url: cannot reach http://127.0.0.1:9"):
         preflight(dead)
-    missing = load_config("tiny-s3", {"storage.endpoint_url": s3_endpoint["endpoint"], "storage.root": "s3://no-such-bucket/x"})
+    missing = load_config(
+        "tiny-s3", {"storage.endpoint_url": s3_endpoint["endpoint"], "storage.root": "s3://no-such-bucket/x"}
+    )
     with pytest.raises(ConfigError, match="bucket 'no-such-bucket' .* does not exist"):
         preflight(missing)

@@ -20,12 +20,15 @@ from stages.storage import MANIFEST, STATS
 @pytest.fixture(scope="module")
 def pipeline(small_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("data_stages")
-    cfg = load_config("tiny", {
-        "storage.root": str(root),
-        "ingest.inputs": [str(p) for p in small_corpus.values()],
-        "ingest.docs_per_shard": 100,
-        "tokenizer.vocab_size": 1000,
-    })
+    cfg = load_config(
+        "tiny",
+        {
+            "storage.root": str(root),
+            "ingest.inputs": [str(p) for p in small_corpus.values()],
+            "ingest.docs_per_shard": 100,
+            "tokenizer.vocab_size": 1000,
+        },
+    )
     stats = {}
     for stage in (ingest, filter, dedup, tokenizer, tokenize):
         stats[stage.__name__.split(".")[-1]] = stage.run(cfg, log=lambda _: None)
@@ -148,3 +151,17 @@ def test_incomplete_output_is_rebuilt(pipeline):
     s = filter.run(cfg, log=lambda _: None)
     assert s["skipped"] is False and not (root / "filter" / "garbage.tmp-1234").exists()
     assert s["docs_out"] == stats["filter"]["docs_out"]
+
+
+def test_output_does_not_depend_on_worker_count(pipeline, tmp_path):
+    cfg, root, stats = pipeline
+    assert cfg.ingest.workers == cfg.filter.workers == 2
+    serial = cfg.model_copy(deep=True)
+    serial.storage.root = str(tmp_path)
+    serial.ingest.workers = serial.filter.workers = 1
+    for stage in (ingest, filter):
+        stage.run(serial, log=lambda _: None)
+        parallel_files = json.loads((root / stage.output(cfg).stage / MANIFEST).read_text())["files"]
+        serial_files = json.loads((tmp_path / stage.output(cfg).stage / MANIFEST).read_text())["files"]
+        assert serial_files == parallel_files
+    assert cfg.section_digest("ingest", "filter") == serial.section_digest("ingest", "filter")

@@ -27,7 +27,9 @@ def stack(tmp_path_factory):
     up = subprocess.run([*cmd[:2], "up", *cmd[2:], "--s3", "--s3-port", str(s3_port)], capture_output=True, text=True)
     assert up.returncode == 0, up.stderr + up.stdout
     # idempotent: a second `up` reuses what runs
-    again = subprocess.run([*cmd[:2], "up", *cmd[2:], "--s3", "--s3-port", str(s3_port)], capture_output=True, text=True)
+    again = subprocess.run(
+        [*cmd[:2], "up", *cmd[2:], "--s3", "--s3-port", str(s3_port)], capture_output=True, text=True
+    )
     assert again.returncode == 0 and "running" in again.stdout, again.stderr
     yield {"api": f"http://127.0.0.1:{port}/api", "s3": f"http://127.0.0.1:{s3_port}", "state": state}
     subprocess.run([*cmd[:2], "down", *cmd[2:]], capture_output=True, text=True)
@@ -35,8 +37,10 @@ def stack(tmp_path_factory):
 
 def api(base: str, path: str, body: dict | None = None):
     request = urllib.request.Request(
-        f"{base}{path}", data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET",
+        f"{base}{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+        method="POST" if body is not None else "GET",
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
@@ -46,7 +50,10 @@ def run_deployment(stack, params: dict) -> str:
     env = {**os.environ, "PREFECT_API_URL": stack["api"]}
     proc = subprocess.run(
         [str(BIN / "prefect"), "deployment", "run", "pretrain/full", "--watch", "--params", json.dumps(params)],
-        env=env, capture_output=True, text=True, timeout=900,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, f"{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}\n{server_logs(stack)}"
     return re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
@@ -94,8 +101,13 @@ def test_pretrain_full_s3(stack):
     assert_run_completed(stack, flow_run)
     import boto3
 
-    client = boto3.client("s3", endpoint_url=stack["s3"], region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=stack["s3"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="pretrain-tiny", Prefix=prefix)["Contents"]]
     assert f"{prefix}/tokens/train/index.json" in keys
     assert any(re.match(rf"{prefix}/checkpoints/step-\d+/meta.json", k) for k in keys)

@@ -23,11 +23,50 @@ SEQ_LEN = 32
 MODEL = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_multiple_of": 16}
 EOS = "<|endoftext|>"
 
-TRAIN_MODULES = ["json", "os", "re", "collections", "textwrap", "argparse", "subprocess", "pathlib", "logging",
-                 "functools", "itertools", "shutil", "tempfile", "datetime", "decimal", "fractions"]
-VAL_MODULES = ["string", "random", "statistics", "heapq", "bisect", "csv", "zipfile", "tarfile", "gzip", "sqlite3",
-               "unittest", "difflib", "pprint", "socket", "email", "uuid", "hashlib", "base64", "calendar", "abc",
-               "contextlib", "dataclasses", "enum", "glob"]
+TRAIN_MODULES = [
+    "json",
+    "os",
+    "re",
+    "collections",
+    "textwrap",
+    "argparse",
+    "subprocess",
+    "pathlib",
+    "logging",
+    "functools",
+    "itertools",
+    "shutil",
+    "tempfile",
+    "datetime",
+    "decimal",
+    "fractions",
+]
+VAL_MODULES = [
+    "string",
+    "random",
+    "statistics",
+    "heapq",
+    "bisect",
+    "csv",
+    "zipfile",
+    "tarfile",
+    "gzip",
+    "sqlite3",
+    "unittest",
+    "difflib",
+    "pprint",
+    "socket",
+    "email",
+    "uuid",
+    "hashlib",
+    "base64",
+    "calendar",
+    "abc",
+    "contextlib",
+    "dataclasses",
+    "enum",
+    "glob",
+]
 
 
 def docstrings(module_names: list[str]) -> list[str]:
@@ -47,8 +86,9 @@ def train_tokenizer(path: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(docstrings(TRAIN_MODULES), trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
@@ -66,19 +106,29 @@ def save_checkpoint(root: Path, step: int, model: Transformer, tokenizer_uri: st
     optim.step()
     optim.zero_grad()
     model_sd, optim_sd = get_state_dict(model, optim)
-    state = {"model": model_sd, "optim": optim_sd, "train": {"step": step, "tokens_seen": 1000 * step},
-             "loader": {"epoch": 0, "offset": step}}
+    state = {
+        "model": model_sd,
+        "optim": optim_sd,
+        "train": {"step": step, "tokens_seen": 1000 * step},
+        "loader": {"epoch": 0, "offset": step},
+    }
     dcp.save(state, checkpoint_id=str(ckpt))
     if with_meta:
-        meta = {"step": step, "tokens_seen": 1000 * step, "train_loss": 6.0, "val_loss": 6.1, "model": MODEL,
-                "vocab_size": model.vocab_size, "tokenizer_uri": tokenizer_uri}
+        meta = {
+            "step": step,
+            "tokens_seen": 1000 * step,
+            "train_loss": 6.0,
+            "val_loss": 6.1,
+            "model": MODEL,
+            "vocab_size": model.vocab_size,
+            "tokenizer_uri": tokenizer_uri,
+        }
         (ckpt / "meta.json").write_text(json.dumps(meta))
     return ckpt
 
 
 def make_model(vocab_size: int, seed: int) -> Transformer:
-    model = Transformer(PipelineConfig.model_validate({"ingest": {"inputs": ["x"]}, "model": MODEL}).model,
-                        vocab_size)
+    model = Transformer(PipelineConfig.model_validate({"ingest": {"inputs": ["x"]}, "model": MODEL}).model, vocab_size)
     model.init_weights(seed)
     return model
 
@@ -100,13 +150,15 @@ def setup(tmp_path_factory):
     save_checkpoint(root, 1, make_model(vocab, seed=1), str(tok_path))
     save_checkpoint(root, 5, make_model(vocab, seed=5), str(tok_path))
     save_checkpoint(root, 9, make_model(vocab, seed=9), str(tok_path), with_meta=False)  # still being written
-    cfg = PipelineConfig.model_validate({
-        "ingest": {"inputs": ["unused"]},
-        "storage": {"root": str(root)},
-        "model": MODEL,
-        "train": {"seq_len": SEQ_LEN},
-        "evaluate": {"tasks": ["heldout_ppl"], "max_docs": 20, "batch_size": 4},
-    })
+    cfg = PipelineConfig.model_validate(
+        {
+            "ingest": {"inputs": ["unused"]},
+            "storage": {"root": str(root)},
+            "model": MODEL,
+            "train": {"seq_len": SEQ_LEN},
+            "evaluate": {"tasks": ["heldout_ppl"], "max_docs": 20, "batch_size": 4},
+        }
+    )
     return cfg, root, docs
 
 
@@ -189,24 +241,29 @@ def direct_logprobs(model: Transformer, tokens: list[int]) -> torch.Tensor:
 
 
 def test_loglikelihood_matches_direct_forward(lm):
-    pairs = [("The quick brown fox", " jumps over the lazy dog"),
-             ("Return a list of", " the words in the string"),
-             ("Open the file", " and return a stream."),
-             ("", "Hello world"),
-             ("A much longer context that goes on and on about many things in the standard library modules and their"
-              " documentation, long enough to be truncated on the left by the window", " of tokens.")]
+    pairs = [
+        ("The quick brown fox", " jumps over the lazy dog"),
+        ("Return a list of", " the words in the string"),
+        ("Open the file", " and return a stream."),
+        ("", "Hello world"),
+        (
+            "A much longer context that goes on and on about many things in the standard library modules and their"
+            " documentation, long enough to be truncated on the left by the window",
+            " of tokens.",
+        ),
+    ]
     reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
     results = lm.loglikelihood(reqs)
     assert len(results) == len(pairs)
     for (context, continuation), (ll, greedy) in zip(pairs, results):
         if context:
             ctx = lm.tok_encode(context)
-            cont = lm.tok_encode(context + continuation)[len(ctx):]
+            cont = lm.tok_encode(context + continuation)[len(ctx) :]
             assert lm.tok_encode(continuation) == cont  # the boundary does not merge: cont is self-contained
         else:
             ctx, cont = [lm.eos_token_id], lm.tok_encode(continuation)
-        full = (ctx + cont)[-(SEQ_LEN + 1):]
-        expected = direct_logprobs(lm.model, full)[-len(cont):].sum().item()
+        full = (ctx + cont)[-(SEQ_LEN + 1) :]
+        expected = direct_logprobs(lm.model, full)[-len(cont) :].sum().item()
         assert ll == pytest.approx(expected, abs=1e-3)
         assert isinstance(greedy, bool)
     assert len(lm.tok_encode(pairs[-1][0] + pairs[-1][1])) > SEQ_LEN  # the truncation path was exercised
@@ -233,8 +290,9 @@ def test_loglikelihood_rolling_matches_direct_nll(lm):
 
 def test_generate_until_is_greedy_and_stops(lm):
     prompts = ["The quick brown fox", "Return a list"]
-    reqs = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 6}), i)
-            for i, p in enumerate(prompts)]
+    reqs = [
+        Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 6}), i) for i, p in enumerate(prompts)
+    ]
     outs = lm.generate_until(reqs)
     for prompt, out in zip(prompts, outs):
         tokens = lm.tok_encode(prompt)
@@ -265,7 +323,11 @@ def test_run_on_s3(setup, s3_endpoint):
     prefix = "evalroot"
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if path.is_dir() or "/eval/" in f"/{rel}" or rel.startswith(("checkpoints/step-000001", "checkpoints/step-000009")):
+        if (
+            path.is_dir()
+            or "/eval/" in f"/{rel}"
+            or rel.startswith(("checkpoints/step-000001", "checkpoints/step-000009"))
+        ):
             continue
         body = path.read_bytes()
         if rel.endswith("meta.json"):
@@ -274,14 +336,25 @@ def test_run_on_s3(setup, s3_endpoint):
             body = json.dumps(meta).encode()
         client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=body)
     s3_cfg = cfg.model_copy(deep=True)
-    s3_cfg.storage = type(cfg.storage).model_validate({
-        "root": f"s3://{bucket}/{prefix}", "endpoint_url": s3_endpoint["endpoint"], "region": "us-east-1",
-        "access_key_id": "testing", "secret_access_key": "testing"})
+    s3_cfg.storage = type(cfg.storage).model_validate(
+        {
+            "root": f"s3://{bucket}/{prefix}",
+            "endpoint_url": s3_endpoint["endpoint"],
+            "region": "us-east-1",
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+        }
+    )
     s3_cfg.evaluate.max_docs = 4
     stats = evaluate.run(s3_cfg, log=lambda _: None)
     assert stats["skipped"] is False and stats["step"] == 5 and stats["docs"] == 4
     assert stats["checkpoint"] == f"s3://{bucket}/{prefix}/checkpoints/step-000005"
     assert math.isfinite(stats["metrics"]["heldout_ppl"]["bits_per_byte"])
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/step-000005/eval/")["Contents"]}
-    assert {f"{prefix}/checkpoints/step-000005/eval/{n}" for n in ("results.json", "stats.json", "manifest.json")} <= keys
+    keys = {
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/step-000005/eval/")["Contents"]
+    }
+    assert {
+        f"{prefix}/checkpoints/step-000005/eval/{n}" for n in ("results.json", "stats.json", "manifest.json")
+    } <= keys
     assert evaluate.run(s3_cfg, log=lambda _: None)["skipped"] is True

@@ -15,8 +15,13 @@ from tests.conftest import REPO
 def root(request, tmp_path, s3_endpoint):
     if request.param == "local":
         return str(tmp_path), None
-    cfg = StorageConfig(root=f"s3://{s3_endpoint['bucket']}/t", endpoint_url=s3_endpoint["endpoint"],
-                        region="us-east-1", access_key_id="testing", secret_access_key="testing")
+    cfg = StorageConfig(
+        root=f"s3://{s3_endpoint['bucket']}/t",
+        endpoint_url=s3_endpoint["endpoint"],
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
     return f"s3://{s3_endpoint['bucket']}/{request.node.name.replace('[', '-').rstrip(']')}", cfg
 
 
@@ -31,7 +36,9 @@ def test_write_read_expand_remove(root):
         assert f.read() == b"a/z.parquet"
     storage.write_json(storage.join(base, "m.json"), {"k": 1}, cfg)
     assert storage.read_json(storage.join(base, "m.json"), cfg) == {"k": 1}
-    assert storage.raw_fingerprint(storage.join(base, "a/x.jsonl"), cfg) != storage.raw_fingerprint(storage.join(base, "a/y.jsonl"), cfg)
+    assert storage.raw_fingerprint(storage.join(base, "a/x.jsonl"), cfg) != storage.raw_fingerprint(
+        storage.join(base, "a/y.jsonl"), cfg
+    )
     storage.remove(storage.join(base, "a"), cfg)
     assert storage.expand(storage.join(base, "a/*"), cfg) == []
 
@@ -62,7 +69,11 @@ def test_stack_refuses_a_port_held_by_another_program(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run([sys.executable, str(REPO / "infra" / "stack.py"), "up", "--state", str(tmp_path),
-                               "--port", str(port)], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "infra" / "stack.py"), "up", "--state", str(tmp_path), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert proc.returncode == 1
     assert f"port {port} on 127.0.0.1 is in use by another program" in proc.stderr

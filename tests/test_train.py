@@ -25,9 +25,34 @@ from stages.launch import child_config_json, run_training, torchrun_command
 
 EOS = "<|endoftext|>"
 BIG_BATCH = 24  # sequences per rank per step in the runs that must cross an epoch boundary
-MODULES = ["json", "csv", "argparse", "collections", "functools", "itertools", "re", "pathlib", "subprocess",
-           "typing", "logging", "textwrap", "string", "datetime", "decimal", "fractions", "statistics", "heapq",
-           "bisect", "shutil", "tempfile", "unittest", "difflib", "inspect", "contextlib", "dataclasses"]
+MODULES = [
+    "json",
+    "csv",
+    "argparse",
+    "collections",
+    "functools",
+    "itertools",
+    "re",
+    "pathlib",
+    "subprocess",
+    "typing",
+    "logging",
+    "textwrap",
+    "string",
+    "datetime",
+    "decimal",
+    "fractions",
+    "statistics",
+    "heapq",
+    "bisect",
+    "shutil",
+    "tempfile",
+    "unittest",
+    "difflib",
+    "inspect",
+    "contextlib",
+    "dataclasses",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,8 +93,10 @@ def build_token_data(root: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        docs,
+        trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     (root / "tokenizer").mkdir()
     tok.save(str(root / "tokenizer" / "tokenizer.json"))
     eos = tok.token_to_id(EOS)
@@ -77,8 +104,14 @@ def build_token_data(root: Path) -> Path:
 
     n_val = len(ids) // 10
     for split, items in (("val", ids[:n_val]), ("train", ids[n_val:])):
-        optimize(fn=_to_tokens, inputs=items, output_dir=str(root / "tokens" / split), item_loader=TokensLoader(),
-                 chunk_bytes="1MB", num_workers=1)
+        optimize(
+            fn=_to_tokens,
+            inputs=items,
+            output_dir=str(root / "tokens" / split),
+            item_loader=TokensLoader(),
+            chunk_bytes="1MB",
+            num_workers=1,
+        )
     assert (root / "tokens" / "train" / "index.json").is_file()
     return root
 
@@ -98,16 +131,27 @@ def cache_root(tmp_path_factory) -> Path:
 
 
 def make_cfg(root: str, **train) -> PipelineConfig:
-    settings = dict(nproc_per_node=2, seq_len=64, micro_batch_size=8, max_steps=30, warmup_steps=5,
-                    checkpoint_every=10, lr=3e-3, min_lr=3e-4, loader_workers=0)
+    settings = dict(
+        nproc_per_node=2,
+        seq_len=64,
+        micro_batch_size=8,
+        max_steps=30,
+        warmup_steps=5,
+        checkpoint_every=10,
+        lr=3e-3,
+        min_lr=3e-4,
+        loader_workers=0,
+    )
     settings.update(train)
-    return PipelineConfig.model_validate({
-        "name": "test-train",
-        "storage": {"root": root},
-        "ingest": {"inputs": ["unused"]},
-        "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
-        "train": settings,
-    })
+    return PipelineConfig.model_validate(
+        {
+            "name": "test-train",
+            "storage": {"root": root},
+            "ingest": {"inputs": ["unused"]},
+            "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+            "train": settings,
+        }
+    )
 
 
 def run(cfg: PipelineConfig) -> tuple[dict, list[str], list[dict]]:
@@ -181,8 +225,10 @@ def test_train_two_ranks_local(reference_run):
     logged = [json.loads(line) for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 31))
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed"} <= set(logged[0])
-    print(f"\nlocal run: {result['seconds']:.1f}s, {result['tokens_per_s']} tokens/s, "
-          f"loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}, val {result['val_loss']:.3f}")
+    print(
+        f"\nlocal run: {result['seconds']:.1f}s, {result['tokens_per_s']} tokens/s, "
+        f"loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}, val {result['val_loss']:.3f}"
+    )
 
     # The same config again: complete and matching, so nothing is launched.
     started = time.time()
@@ -204,7 +250,7 @@ def test_killed_run_resumes_exactly(reference_run, token_data, tmp_path):
     cfg = make_cfg(str(root), max_steps=30, checkpoint_every=15, micro_batch_size=BIG_BATCH)
 
     def kill_at_20(line: str) -> None:
-        if line.startswith("METRIC ") and json.loads(line[len("METRIC "):])["step"] == 20:
+        if line.startswith("METRIC ") and json.loads(line[len("METRIC ") :])["step"] == 20:
             raise Preempted()  # run_training kills the whole torchrun process group and re-raises
 
     with pytest.raises(Preempted):
@@ -262,8 +308,9 @@ def _free_port() -> int:
 def moto_endpoint(monkeypatch):
     port = _free_port()
     server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 30
@@ -275,8 +322,12 @@ def moto_endpoint(monkeypatch):
                 if time.time() > deadline or proc.poll() is not None:
                     raise RuntimeError("moto_server did not start")
                 time.sleep(0.2)
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }.items():
             monkeypatch.setenv(key, value)
         yield endpoint
     finally:
