@@ -16,7 +16,6 @@ signatures spilled to disk.
 from __future__ import annotations
 
 import re
-import sys
 from collections import Counter
 
 import xxhash
@@ -25,7 +24,7 @@ from stages import storage
 from stages.config import PipelineConfig
 from stages.documents import ShardWriter, read_docs
 from stages.filter import output as filter_output
-from stages.stage import Log, StageResult, code_version, committed_shards, run_stage, upstream_digest
+from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
 from stages.storage import StageOutput
 
 WORD = re.compile(r"\w+", re.UNICODE)
@@ -115,11 +114,7 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
     upstream = filter_output(cfg)
     shards = committed_shards(upstream)
     out = output(cfg)
-    identity = {
-        "code": code_version(sys.modules[__name__]),
-        "config": cfg.section_digest("dedup"),
-        "inputs": upstream_digest(upstream),
-    }
+    identity = stage_identity(__name__, cfg, "dedup", upstream_digest(upstream))
 
     def build() -> StageResult:
         exact, clustered, clusters = find_duplicates(cfg, upstream.uri, shards)

@@ -13,7 +13,6 @@ the local file makes it copy that instead.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,7 @@ from stages.config import PipelineConfig
 from stages.documents import ShardWriter, read_docs
 from stages.ingest import output as ingest_output
 from stages.parallel import map_in_processes
-from stages.stage import Log, StageResult, code_version, committed_shards, run_stage, upstream_digest
+from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
 from stages.storage import StageOutput
 
 
@@ -108,11 +107,12 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
     upstream = ingest_output(cfg)
     shards = committed_shards(upstream)
     out = output(cfg)
-    identity = {
-        "code": code_version(sys.modules[__name__]),
-        "config": cfg.section_digest("filter"),
-        "inputs": upstream_digest(upstream),
-    }
+    identity = stage_identity(
+        __name__,
+        cfg,
+        "filter",
+        {"docs": upstream_digest(upstream), "lid_model": storage.raw_fingerprint(cfg.filter.lid_model_path)},
+    )
 
     def build() -> StageResult:
         results = map_in_processes(

@@ -10,7 +10,6 @@ output does not depend on the number of workers.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from functools import partial
 from pathlib import PurePosixPath
@@ -19,7 +18,7 @@ from stages import storage
 from stages.config import PipelineConfig
 from stages.documents import Doc, ShardWriter
 from stages.parallel import map_in_processes
-from stages.stage import Log, StageResult, code_version, run_stage
+from stages.stage import Log, StageResult, run_stage, stage_identity
 from stages.storage import StageOutput
 
 FORMATS = {
@@ -110,11 +109,7 @@ def ingest_file(job: tuple[int, str], cfg: PipelineConfig, out_uri: str) -> dict
 
 
 def identity(cfg: PipelineConfig, inputs: list[str]) -> dict:
-    return {
-        "code": code_version(sys.modules[__name__]),
-        "config": cfg.section_digest("ingest"),
-        "inputs": {uri: storage.raw_fingerprint(uri, cfg.storage) for uri in inputs},
-    }
+    return stage_identity(__name__, cfg, "ingest", {uri: storage.raw_fingerprint(uri, cfg.storage) for uri in inputs})
 
 
 def output(cfg: PipelineConfig) -> StageOutput:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stages import storage
+from stages.config import PipelineConfig
 from stages.storage import StageOutput
 
 Log = Callable[[str], None]
@@ -32,6 +34,11 @@ class StageResult:
 
 def code_version(module) -> str:
     return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:12]
+
+
+def stage_identity(module_name: str, cfg: PipelineConfig, section: str, inputs) -> dict:
+    """What a stage's output is a function of: its code, the config section it reads and its inputs."""
+    return {"code": code_version(sys.modules[module_name]), "config": cfg.section_digest(section), "inputs": inputs}
 
 
 def run_stage(output: StageOutput, identity: dict, build: Callable[[], StageResult], log: Log) -> dict:

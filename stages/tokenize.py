@@ -14,7 +14,6 @@ shards.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,7 @@ from stages import storage
 from stages.config import PipelineConfig, StorageConfig
 from stages.dedup import output as dedup_output
 from stages.documents import read_docs
-from stages.stage import Log, StageResult, code_version, committed_shards, run_stage, upstream_digest
+from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
 from stages.storage import StageOutput
 from stages.tokenizer import FILENAME as TOKENIZER_FILE
 from stages.tokenizer import output as tokenizer_output
@@ -86,11 +85,9 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
 
     upstream, tok_out, out = dedup_output(cfg), tokenizer_output(cfg), output(cfg)
     shards = committed_shards(upstream)
-    identity = {
-        "code": code_version(sys.modules[__name__]),
-        "config": cfg.section_digest("tokenize"),
-        "inputs": {"dedup": upstream_digest(upstream), "tokenizer": upstream_digest(tok_out)},
-    }
+    identity = stage_identity(
+        __name__, cfg, "tokenize", {"dedup": upstream_digest(upstream), "tokenizer": upstream_digest(tok_out)}
+    )
     tc = cfg.tokenize
 
     def build() -> StageResult:

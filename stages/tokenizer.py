@@ -8,14 +8,13 @@ whose digest is the tokenizer's identity for every later stage.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 
 from stages import storage
 from stages.config import PipelineConfig
 from stages.dedup import output as dedup_output
 from stages.documents import read_docs
-from stages.stage import Log, StageResult, code_version, committed_shards, run_stage, upstream_digest
+from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
 from stages.storage import StageOutput
 
 FILENAME = "tokenizer.json"
@@ -57,11 +56,7 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         source = {"path": tc.path, "fingerprint": storage.raw_fingerprint(tc.path)}
     else:
         source = {"trained_on": upstream_digest(upstream)}
-    identity = {
-        "code": code_version(sys.modules[__name__]),
-        "config": cfg.section_digest("tokenizer"),
-        "inputs": source,
-    }
+    identity = stage_identity(__name__, cfg, "tokenizer", source)
 
     def sample() -> Iterator[str]:
         budget = tc.max_train_chars
