@@ -165,3 +165,38 @@ def test_output_does_not_depend_on_worker_count(pipeline, tmp_path):
         serial_files = json.loads((tmp_path / stage.output(cfg).stage / MANIFEST).read_text())["files"]
         assert serial_files == parallel_files
     assert cfg.section_digest("ingest", "filter") == serial.section_digest("ingest", "filter")
+
+
+def test_ingest_reads_inputs_from_s3_like_local_files(pipeline, small_corpus, s3_endpoint, tmp_path):
+    cfg, root, stats = pipeline
+    client, bucket = s3_endpoint["client"], s3_endpoint["bucket"]
+    for path in small_corpus.values():
+        client.upload_file(str(path), bucket, f"raw/{path.name}")
+    remote = load_config(
+        "tiny-s3",
+        {
+            "storage.root": str(tmp_path),
+            "storage.endpoint_url": s3_endpoint["endpoint"],
+            "ingest.inputs": [f"s3://{bucket}/raw/*"],
+            "ingest.docs_per_shard": 100,
+        },
+    )
+    s = ingest.run(remote, log=lambda _: None)
+    assert s["docs_by_format"] == stats["ingest"]["docs_by_format"]
+    local_docs = [(d.id, d.text, d.url) for d in docs_in(root / "ingest")]
+    remote_docs = [(d.id, d.text, d.url) for d in docs_in(tmp_path / "ingest")]
+    assert remote_docs == local_docs
+    assert all(d.source.startswith(f"s3://{bucket}/raw/") for d in docs_in(tmp_path / "ingest"))
+
+
+def test_tokenizer_stage_loads_an_existing_tokenizer(pipeline, tmp_path):
+    cfg, root, stats = pipeline
+    given = tmp_path / "given.json"
+    given.write_text((root / "tokenizer" / "tokenizer.json").read_text())
+    reuse = cfg.model_copy(deep=True)
+    reuse.storage.root = str(tmp_path / "out")
+    reuse.tokenizer.path = str(given)
+    (tmp_path / "out").mkdir()
+    s = tokenizer.run(reuse, log=lambda _: None)
+    assert s["trained"] is False and s["vocab_size"] == stats["tokenizer"]["vocab_size"]
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").read_text() == given.read_text()
