@@ -49,7 +49,8 @@ class IngestConfig(Strict):
     # Files or globs, local or s3://. Formats are recognised by extension: .jsonl[.gz], .parquet, .warc[.gz].
     inputs: list[str] = Field(min_length=1)
     docs_per_shard: int = Field(5000, gt=0)
-    min_text_chars: int = Field(1, ge=1)
+    min_text_chars: int = Field(1, ge=1)  # fewer non-blank characters: quarantined as empty_text
+    max_doc_bytes: int = Field(10_000_000, gt=0)  # larger documents: quarantined as too_large
     workers: int = Field(1, ge=1)  # processes; one input file each at a time
 
 

@@ -45,7 +45,7 @@ def test_ingest_reads_all_three_formats_into_one_table(pipeline, small_corpus):
     s = stats["ingest"]
     assert set(s["docs_by_format"]) == {"jsonl", "parquet", "warc"}
     assert s["docs_by_format"]["parquet"] == 150
-    assert s["docs_out"] + s["removed"]["too_short"] <= s["records_in"]
+    assert s["docs_out"] + s["quarantined_total"] == s["records_in"]
     table = pq.read_table(root / "ingest" / sorted(json.loads((root / "ingest" / MANIFEST).read_text())["files"])[0])
     assert table.column_names == ["id", "text", "source", "url", "metadata"]
     warc_docs = [d for d in docs_in(root / "ingest") if d.source.endswith(".warc.gz")]
@@ -200,3 +200,99 @@ def test_tokenizer_stage_loads_an_existing_tokenizer(pipeline, tmp_path):
     s = tokenizer.run(reuse, log=lambda _: None)
     assert s["trained"] is False and s["vocab_size"] == stats["tokenizer"]["vocab_size"]
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").read_text() == given.read_text()
+
+
+def test_malformed_records_are_quarantined_and_every_record_is_accounted_for(tmp_path):
+    import gzip
+    import io
+
+    import pyarrow as pa
+    import zstandard
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    good = "A perfectly ordinary sentence about rivers, bridges and the towns that grew beside them."
+    lines = [
+        json.dumps({"id": "ok-1", "text": good, "url": "https://example.org/1", "metadata": {"lang": "en"}}).encode(),
+        b'{"id": "broken", "text": "unterminated',
+        json.dumps({"id": "latin1", "text": "caf\u00e9"}).encode().replace(b"\\u00e9", b"\xe9"),
+        json.dumps({"id": "no-text", "body": good}).encode(),
+        json.dumps({"id": "blank", "text": "   \n "}).encode(),
+        json.dumps({"id": "huge", "text": "x" * 5000}).encode(),
+        b"[1, 2, 3]",
+        b'{"id": "surrogate", "text": "half a pair \\ud800 here"}',
+        b"",
+        json.dumps({"text": good + " Second."}).encode(),
+    ]
+    raw = b"\n".join(lines) + b"\n"
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "one.txt").write_text(good)
+    (texts / "two.md").write_bytes(b"\xff\xfe not utf-8 at all")
+    rows = [
+        {"id": "p1", "text": good, "url": None, "metadata": "{}"},
+        {"id": "p2", "text": None, "url": None, "metadata": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    with open(tmp_path / "d.warc.wet.gz", "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for n, body in enumerate([good.encode(), b""]):
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/plain")], protocol="HTTP/1.0")
+            writer.write_record(
+                writer.create_warc_record(
+                    f"https://example.org/wet/{n}",
+                    "conversion",
+                    payload=io.BytesIO(body),
+                    warc_headers_dict={"WARC-Identified-Payload-Type": "text/plain"},
+                    http_headers=None,
+                )
+            )
+        del headers
+
+    cfg = load_config(
+        "tiny",
+        {
+            "storage.root": str(tmp_path / "out"),
+            "ingest.inputs": [str(tmp_path / "*.*"), str(texts)],
+            "ingest.max_doc_bytes": 1000,
+            "ingest.workers": 1,
+        },
+    )
+    s = ingest.run(cfg, log=lambda _: None)
+    per_jsonl = {
+        "invalid_json": 1,
+        "not_utf8": 2,
+        "missing_text": 1,
+        "empty_text": 1,
+        "too_large": 1,
+        "not_an_object": 1,
+    }
+    expected = {k: 2 * v for k, v in per_jsonl.items()}
+    expected["not_utf8"] += 1  # two.md
+    expected["missing_text"] += 1  # parquet row p2
+    expected["empty_text"] = expected["empty_text"] + 1  # the empty WET record
+    assert s["quarantined"] == expected
+    assert s["docs_out"] == 2 * 2 + 1 + 1 + 1  # jsonl x2 (ok-1 and the id-less one), txt, parquet p1, wet
+    assert s["records_in"] == s["docs_out"] + s["quarantined_total"]
+    quarantine = [
+        json.loads(line)
+        for f in sorted((tmp_path / "out" / "ingest" / "quarantine").glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    assert len(quarantine) == s["quarantined_total"]
+    gz = {q["where"]: q["reason"] for q in quarantine if q["source"].endswith("a.jsonl.gz")}
+    assert gz == {
+        "line 2": "invalid_json",
+        "line 3": "not_utf8",
+        "line 4": "missing_text",
+        "line 5": "empty_text",
+        "line 6": "too_large",
+        "line 7": "not_an_object",
+        "line 8": "not_utf8",
+    }
+    docs = {d.id: d for d in docs_in(tmp_path / "out" / "ingest")}
+    assert docs["ok-1"].url == "https://example.org/1" and docs["ok-1"].metadata == {"lang": "en"}
+    assert "a.jsonl.gz/10" in docs and docs["a.jsonl.gz/10"].text.endswith("Second.")
+    assert any(d.url == "https://example.org/wet/0" and d.text == good for d in docs.values())
