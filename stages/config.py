@@ -54,17 +54,98 @@ class IngestConfig(Strict):
     workers: int = Field(1, ge=1)  # processes; one input file each at a time
 
 
+class Rule(Strict):
+    """A filter rule: on or off, plus the keyword arguments of its datatrove block (defaults are datatrove's)."""
+
+    enabled: bool = True
+
+    def block_kwargs(self) -> dict:
+        return self.model_dump(exclude={"enabled"})
+
+
+class UrlFilterConfig(Rule):
+    # datatrove's URLFilter with the blocklists shipped in its wheel, plus your own domains and URLs.
+    soft_word_threshold: int = 2
+    extra_domains: list[str] = []
+    extra_urls: list[str] = []
+
+
+class GopherRepetitionConfig(Rule):
+    dup_line_frac: float | None = 0.3
+    dup_para_frac: float | None = 0.3
+    dup_line_char_frac: float | None = 0.2
+    dup_para_char_frac: float | None = 0.2
+    top_n_grams: tuple[tuple[int, float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16))
+    dup_n_grams: tuple[tuple[int, float], ...] = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+
+
+class GopherQualityConfig(Rule):
+    min_doc_words: int | None = 50
+    max_doc_words: int | None = 100_000
+    min_avg_word_length: int | None = 3
+    max_avg_word_length: int | None = 10
+    max_symbol_word_ratio: float | None = 0.1
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    max_non_alpha_words_ratio: float | None = 0.8
+    min_stop_words: int | None = 2
+
+
+class C4QualityConfig(Rule):
+    split_paragraph: bool = True
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = False  # FineWeb turned this C4 rule off
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebQualityConfig(Rule):
+    line_punct_thr: float = 0.12
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float = 0.67
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01
+    new_line_ratio: float = 0.3
+
+
+class C4BadWordsConfig(Rule):
+    # One word list per language, in files named by language code (`en`, `de`, ...) in `lists_dir`;
+    # documents in a language without a list are kept. make install puts an English list there.
+    lists_dir: str = "models/badwords"
+    keep_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = 0
+
+    def block_kwargs(self) -> dict:
+        return {"keep_fraction": self.keep_fraction, "seed": self.seed, "fail_on_missing_language": False}
+
+
+class PiiConfig(Rule):
+    # Redacts (does not remove) e-mail addresses and public IP addresses in kept documents.
+    remove_emails: bool = True
+    remove_ips: bool = True
+    only_remove_public_ips: bool = True
+
+
 class FilterConfig(Strict):
-    # FineWeb's pipeline keeps English with a fastText score >= 0.65; its other thresholds are datatrove's
-    # defaults, which the stage uses unless a rule is switched off here.
+    # FineWeb's pipeline, in its order: URL blocklist, fastText language ID (English, score >= 0.65), Gopher
+    # repetition and quality, C4 quality, FineWeb quality; then C4 bad words, then PII redaction.
     languages: list[str] = ["en"]
     language_threshold: float = Field(0.65, ge=0.0, le=1.0)
     lid_model_path: str = "models/lid.176.ftz"
     workers: int = Field(1, ge=1)  # processes; one ingest shard each at a time
-    gopher_repetition: bool = True
-    gopher_quality: bool = True
-    c4_quality: bool = True
-    fineweb_quality: bool = True
+    removed_sample_per_rule: int = Field(50, ge=0)  # removed documents kept per rule and shard, for inspection
+    url: UrlFilterConfig = UrlFilterConfig()
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()
+    c4_quality: C4QualityConfig = C4QualityConfig()
+    fineweb_quality: FineWebQualityConfig = FineWebQualityConfig()
+    c4_badwords: C4BadWordsConfig = C4BadWordsConfig()
+    pii: PiiConfig = PiiConfig()
 
 
 class DedupConfig(Strict):
@@ -135,6 +216,9 @@ class EvaluateConfig(Strict):
     tasks: list[str] = ["heldout_ppl"]
     max_docs: int | None = Field(200, gt=0)  # held-out documents scored; None: all
     batch_size: int = Field(8, gt=0)
+    # Training documents sharing a 13-gram with these texts (JSONL `text` fields or text files) are dropped by
+    # the tokenize stage, as are those overlapping the held-out split when `heldout_ppl` is among the tasks.
+    decontaminate_with: list[str] = []
 
 
 class PipelineConfig(Strict):
@@ -209,8 +293,10 @@ def _resolve_relative(cfg: PipelineConfig) -> PipelineConfig:
     cfg.storage.root = local(cfg.storage.root)
     cfg.ingest.inputs = [local(p) for p in cfg.ingest.inputs]
     cfg.filter.lid_model_path = local(cfg.filter.lid_model_path)
+    cfg.filter.c4_badwords.lists_dir = local(cfg.filter.c4_badwords.lists_dir)
     if cfg.tokenizer.path:
         cfg.tokenizer.path = local(cfg.tokenizer.path)
+    cfg.evaluate.decontaminate_with = [local(p) for p in cfg.evaluate.decontaminate_with]
     return cfg
 
 

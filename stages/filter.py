@@ -1,14 +1,16 @@
 """Filter: FineWeb's heuristic pipeline from datatrove blocks, with removals counted per rule.
 
-The rules run in FineWeb's order and with its settings: fastText language ID (lid.176, score >= 0.65), Gopher
-repetition, Gopher quality, C4 quality (FineWeb turned off C4's terminal-punctuation rule) and FineWeb quality.
+Rules, in FineWeb's order and with its settings (every threshold is a field of `FilterConfig`, defaulting to
+datatrove's): URL blocklist (the lists datatrove ships), fastText language ID (lid.176, score >= 0.65), Gopher
+repetition, Gopher quality, C4 quality (FineWeb turned off its terminal-punctuation rule), FineWeb quality,
+then C4 bad words; kept documents then have e-mail and public IP addresses redacted (datatrove's PIIFormatter).
 Each block's `filter(doc)` is called directly, not through a datatrove executor, so that the first rule that
-rejects a document is recorded with the block's own reason (e.g. `gopher_quality:gopher_short_doc`) and the
-removed document is kept in `removed/` for inspection instead of vanishing.
+rejects a document is recorded with the block's own reason (e.g. `gopher_quality:gopher_short_doc`), and a
+bounded sample of each rule's removals is kept in `removed/` for inspection.
 
-The language-ID model is read from `filter.lid_model_path` (put there at install time by
-infra/fetch_models.py). datatrove would otherwise download lid.176.bin on first use; pointing its MODEL_URL at
-the local file makes it copy that instead.
+Nothing downloads at run time. datatrove would fetch lid.176.bin and the LDNOOBW bad-words lists on first use:
+pointing their URLs at local files (put under models/ by infra/fetch_models.py) makes it copy those instead;
+tldextract is told to use the public-suffix snapshot in its wheel rather than fetch a fresh one.
 """
 
 from __future__ import annotations
@@ -26,36 +28,59 @@ from stages.stage import Log, StageResult, committed_shards, run_stage, stage_id
 from stages.storage import StageOutput
 
 
+def _local_badwords(lists_dir: str) -> None:
+    from datatrove.pipeline.filters import c4_filters
+
+    # datatrove builds `_BADWORDS_URL + lang` (and a separate URL for English) and copies local paths.
+    c4_filters._BADWORDS_URL = lists_dir.rstrip("/") + "/"
+    c4_filters._EN_BADWORDS_URL = str(Path(lists_dir) / "en")
+    available = {p.name for p in Path(lists_dir).iterdir()} if Path(lists_dir).is_dir() else set()
+    # a language without a list file is kept (and counted by datatrove), never a download attempt
+    c4_filters._BADWORDS_LANGS = [lang for lang in c4_filters._BADWORDS_LANGS if lang in available]
+
+
 def build_rules(cfg: PipelineConfig) -> list[tuple[str, object]]:
     from datatrove.pipeline.filters import (
+        C4BadWordsFilter,
         C4QualityFilter,
         FineWebQualityFilter,
         GopherQualityFilter,
         GopherRepetitionFilter,
         LanguageFilter,
+        URLFilter,
     )
+    from tldextract import TLDExtract
 
     fc = cfg.filter
     model_path = Path(fc.lid_model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"filter.lid_model_path: {model_path} does not exist (run `make install`)")
+    rules: list[tuple[str, object]] = []
+    if fc.url.enabled:
+        url = URLFilter(**fc.url.block_kwargs())
+        url.tldextractor = TLDExtract(suffix_list_urls=())
+        rules.append(("url", url))
     language = LanguageFilter(languages=fc.languages or None, language_threshold=fc.language_threshold)
     language.model.MODEL_URL = str(model_path)
-    rules: list[tuple[str, object]] = [("language", language)]
-    if fc.gopher_repetition:
-        rules.append(("gopher_repetition", GopherRepetitionFilter()))
-    if fc.gopher_quality:
-        rules.append(("gopher_quality", GopherQualityFilter()))
-    if fc.c4_quality:
-        rules.append(("c4_quality", C4QualityFilter(filter_no_terminal_punct=False)))
-    if fc.fineweb_quality:
-        rules.append(("fineweb_quality", FineWebQualityFilter()))
+    rules.append(("language", language))
+    blocks = [
+        ("gopher_repetition", fc.gopher_repetition, GopherRepetitionFilter),
+        ("gopher_quality", fc.gopher_quality, GopherQualityFilter),
+        ("c4_quality", fc.c4_quality, C4QualityFilter),
+        ("fineweb_quality", fc.fineweb_quality, FineWebQualityFilter),
+        ("c4_badwords", fc.c4_badwords, C4BadWordsFilter),
+    ]
+    if fc.c4_badwords.enabled:
+        _local_badwords(fc.c4_badwords.lists_dir)
+    rules += [(name, block(**rule.block_kwargs())) for name, rule, block in blocks if rule.enabled]
     return rules
 
 
 def first_rejection(rules, document) -> str | None:
     """Name (and datatrove's reason) of the first rule that removes the document, or None to keep it."""
     for name, rule in rules:
+        if name == "url" and not document.metadata.get("url"):
+            continue  # a document without a URL (a book, a man page) has nothing for this rule to check
         verdict = rule.filter(document)
         keep, reason = verdict if isinstance(verdict, tuple) else (verdict, None)
         if not keep:
@@ -65,35 +90,50 @@ def first_rejection(rules, document) -> str | None:
 
 def filter_shard(name: str, cfg: PipelineConfig, in_uri: str, out_uri: str) -> dict:
     from datatrove.data import Document
+    from datatrove.pipeline.formatters import PIIFormatter
 
+    fc = cfg.filter
     rules = build_rules(cfg)
-    removed_by: Counter = Counter()
+    pii = PIIFormatter(**fc.pii.block_kwargs()) if fc.pii.enabled else None
+    removed_docs: Counter = Counter()
+    removed_bytes: Counter = Counter()
     languages: Counter = Counter()
     stem = name.removesuffix(".parquet")
     kept = ShardWriter(out_uri, stem, cfg.ingest.docs_per_shard, cfg.storage)
     removed = ShardWriter(storage.join(out_uri, "removed"), stem, cfg.ingest.docs_per_shard, cfg.storage)
-    docs_in = bytes_in = 0
+    docs_in = bytes_in = redacted = 0
     for doc in read_docs(storage.join(in_uri, name), cfg.storage):
+        size = len(doc.text.encode("utf-8"))
         docs_in += 1
-        bytes_in += len(doc.text.encode("utf-8"))
-        document = Document(text=doc.text, id=doc.id, metadata=dict(doc.metadata))
+        bytes_in += size
+        document = Document(text=doc.text, id=doc.id, metadata={**doc.metadata, "url": doc.url})
         rejection = first_rejection(rules, document)
+        document.metadata.pop("url")
         doc.metadata = document.metadata  # the language rule adds language and language_score
         languages[doc.metadata.get("language", "unknown")] += 1
         if rejection:
-            removed_by[rejection.split(":")[0]] += 1
-            doc.metadata["removed_by"] = rejection
-            removed.write(doc)
-        else:
-            doc.text = document.text  # the C4 rule drops unwanted lines from kept documents
-            kept.write(doc)
+            rule = rejection.split(":")[0]
+            removed_docs[rule] += 1
+            removed_bytes[rule] += size
+            if removed_docs[rule] <= fc.removed_sample_per_rule:
+                doc.metadata["removed_by"] = rejection
+                removed.write(doc)
+            continue
+        doc.text = document.text  # the C4 rule drops unwanted lines from kept documents
+        if pii is not None:
+            clean = pii.format(doc.text)
+            redacted += clean != doc.text
+            doc.text = clean
+        kept.write(doc)
     files = kept.close() + [f"removed/{f}" for f in removed.close()]
     return {
         "docs_in": docs_in,
         "bytes_in": bytes_in,
         "docs_out": kept.docs,
         "bytes_out": kept.text_bytes,
-        "removed": dict(removed_by),
+        "removed": dict(removed_docs),
+        "removed_bytes": dict(removed_bytes),
+        "pii_redacted_docs": redacted,
         "languages": dict(languages),
         "files": files,
     }
@@ -111,20 +151,29 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         __name__,
         cfg,
         "filter",
-        {"docs": upstream_digest(upstream), "lid_model": storage.raw_fingerprint(cfg.filter.lid_model_path)},
+        {
+            "docs": upstream_digest(upstream),
+            "lid_model": storage.raw_fingerprint(cfg.filter.lid_model_path),
+            "badwords": [
+                storage.raw_fingerprint(str(p)) for p in sorted(Path(cfg.filter.c4_badwords.lists_dir).glob("*"))
+            ],
+        },
     )
 
     def build() -> StageResult:
         results = map_in_processes(
             partial(filter_shard, cfg=cfg, in_uri=upstream.uri, out_uri=out.uri), shards, cfg.filter.workers
         )
-        removed: Counter = Counter()
-        languages: Counter = Counter()
+        removed, removed_bytes, languages = Counter(), Counter(), Counter()
         for result in results:
             removed.update(result["removed"])
+            removed_bytes.update(result["removed_bytes"])
             languages.update(result["languages"])
-        counts = {key: sum(r[key] for r in results) for key in ("docs_in", "bytes_in", "docs_out", "bytes_out")}
-        counts["removed"] = {name: removed.get(name, 0) for name, _ in build_rules(cfg)}
+        keys = ("docs_in", "bytes_in", "docs_out", "bytes_out", "pii_redacted_docs")
+        counts = {key: sum(r[key] for r in results) for key in keys}
+        rules = [name for name, _ in build_rules(cfg)]
+        counts["removed"] = {name: removed.get(name, 0) for name in rules}
+        counts["removed_bytes"] = {name: removed_bytes.get(name, 0) for name in rules}
         for rule, n in counts["removed"].items():
             log(f"filter: {rule} removed {n} documents")
         files = [f for r in results for f in r["files"]]

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import xxhash
 
-from stages import storage
+from stages import decontaminate, storage
 from stages.config import PipelineConfig, StorageConfig
+from stages.decontaminate import is_contaminated
 from stages.dedup import output as dedup_output
 from stages.documents import read_docs
 from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
@@ -45,8 +46,10 @@ def encode_shard(
     eos_id: int,
     val_fraction: float,
     storage_cfg: StorageConfig | None,
+    banned: frozenset[int] = frozenset(),
 ):
-    """litdata worker function: yields one int32 tensor (a document's ids + EOS) per document of the split.
+    """litdata worker function: yields one int32 tensor (a document's ids + EOS) per document of the split,
+    leaving out documents that share a 13-gram with an evaluation text (`banned`).
 
     It takes the shard's index, not its URI: litdata treats string inputs that look like remote paths as files to
     download itself, through its own client, bypassing our storage settings.
@@ -62,7 +65,7 @@ def encode_shard(
             yield torch.tensor([*encoding.ids, eos_id], dtype=torch.int32)
 
     for doc in read_docs(shard_uris[index], storage_cfg):
-        if split_of(doc.id, val_fraction) != split:
+        if split_of(doc.id, val_fraction) != split or is_contaminated(doc.text, banned):
             continue
         batch.append(doc.text)
         if len(batch) >= 256:
@@ -85,17 +88,40 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
 
     upstream, tok_out, out = dedup_output(cfg), tokenizer_output(cfg), output(cfg)
     shards = committed_shards(upstream)
-    identity = stage_identity(
-        __name__, cfg, "tokenize", {"dedup": upstream_digest(upstream), "tokenizer": upstream_digest(tok_out)}
-    )
+    ec = cfg.evaluate
+    decontamination = {
+        "heldout": "heldout_ppl" in ec.tasks,
+        "files": {uri: storage.raw_fingerprint(uri, cfg.storage) for uri in ec.decontaminate_with},
+    }
+    inputs = {
+        "dedup": upstream_digest(upstream),
+        "tokenizer": upstream_digest(tok_out),
+        "decontamination": decontamination,
+    }
+    identity = stage_identity(__name__, cfg, "tokenize", inputs)
     tc = cfg.tokenize
 
     def build() -> StageResult:
         options = storage.prepare_litdata(cfg.storage)
         eos_id = tok_out.manifest()["counts"]["eos_id"]
         shard_uris = [storage.join(upstream.uri, s) for s in shards]
-        counts: dict = {"docs_in": 0, "tokens": {}, "docs": {}}
-        files: list[str] = []
+        counts: dict = {"docs_in": 0, "tokens": {}, "docs": {"train": 0, "val": 0}}
+        # Pass 1: the held-out documents (written for the evaluate stage) and the evaluation 13-grams.
+        banned: set[int] = set()
+        for text in decontaminate.texts_from_files(ec.decontaminate_with, cfg.storage):
+            banned |= decontaminate.ngram_hashes(text)
+        with storage.atomic_write(out.path(VAL_DOCS), cfg.storage, "w") as f:
+            for uri in shard_uris:
+                for doc in read_docs(uri, cfg.storage):
+                    counts["docs_in"] += 1
+                    split = split_of(doc.id, tc.val_fraction)
+                    counts["docs"][split] += 1
+                    if split == "val":
+                        f.write(json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
+                        if decontamination["heldout"]:
+                            banned |= decontaminate.ngram_hashes(doc.text)
+        files: list[str] = [VAL_DOCS]
+        # Pass 2: token shards per split, through litdata.
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer_path = str(Path(tmp) / TOKENIZER_FILE)
             with storage.open_uri(tok_out.path(TOKENIZER_FILE), "rb", cfg.storage) as f:
@@ -111,6 +137,7 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
                         eos_id=eos_id,
                         val_fraction=tc.val_fraction,
                         storage_cfg=cfg.storage,
+                        banned=frozenset(banned) if split == "train" else frozenset(),
                     ),
                     inputs=list(range(len(shard_uris))),
                     output_dir=split_uri if storage.is_remote(split_uri) else str(Path(split_uri)),
@@ -127,18 +154,14 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
                 )
                 index = storage.read_json(storage.join(split_uri, "index.json"), cfg.storage)
                 counts["tokens"][split] = token_count(index)
+                if split == "train":
+                    counts["removed"] = {
+                        "decontaminated": counts["docs"]["train"] - sum(c["chunk_size"] for c in index["chunks"])
+                    }
                 files += [f"{split}/index.json"] + [f"{split}/{c['filename']}" for c in index["chunks"]]
                 log(f"tokenize: {split}: {counts['tokens'][split]} tokens in {len(index['chunks'])} chunks")
-        with storage.atomic_write(out.path(VAL_DOCS), cfg.storage, "w") as f:
-            for uri in shard_uris:
-                for doc in read_docs(uri, cfg.storage):
-                    counts["docs_in"] += 1
-                    split = split_of(doc.id, tc.val_fraction)
-                    counts["docs"][split] = counts["docs"].get(split, 0) + 1
-                    if split == "val":
-                        f.write(json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
-        files.append(VAL_DOCS)
+        log(f"tokenize: {counts['removed']['decontaminated']} training documents share a 13-gram with evaluation texts")
         total = sum(counts["tokens"].values())
-        return StageResult(files, counts, {"tokens_total": total})
+        return StageResult(files, counts, {"tokens_total": total, "decontamination_ngrams": len(banned)})
 
     return run_stage(out, identity, build, log)

@@ -7,11 +7,15 @@ what it wrote, what it counted and that a rerun skips it.
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from stages import dedup, filter, ingest, storage, tokenize, tokenizer
+from stages.config import REPO_ROOT as REPO
 from stages.config import load_config
 from stages.documents import read_docs
 from stages.storage import MANIFEST, STATS
@@ -38,6 +42,17 @@ def pipeline(small_corpus, tmp_path_factory):
 def docs_in(folder):
     manifest = json.loads((folder / MANIFEST).read_text())
     return [d for name in sorted(manifest["files"]) if "/" not in name for d in read_docs(str(folder / name))]
+
+
+def ingest_without_filtering(cfg) -> None:
+    """Ingest, then commit the ingested shards as the filter stage's output, bypassing its heuristics."""
+    ingest.run(cfg, log=lambda _: None)
+    ingested, filter_out = ingest.output(cfg), filter.output(cfg)
+    files = [n for n in ingested.manifest()["files"] if n.endswith(".parquet")]
+    for name in files:
+        with storage.atomic_write(filter_out.path(name)) as f:
+            f.write(Path(ingested.path(name)).read_bytes())
+    filter_out.commit({"test": 1}, {}, {}, files)
 
 
 def test_ingest_reads_all_three_formats_into_one_table(pipeline, small_corpus):
@@ -69,13 +84,21 @@ def test_filter_counts_removals_per_rule_and_keeps_removed_docs(pipeline):
     s = stats["filter"]
     assert s["docs_in"] == stats["ingest"]["docs_out"]
     assert s["docs_in"] == s["docs_out"] + sum(s["removed"].values())
-    assert set(s["removed"]) == {"language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality"}
+    rules = ["url", "language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality", "c4_badwords"]
+    assert list(s["removed"]) == rules
     assert s["removed"]["language"] > 0 and s["removed"]["gopher_quality"] > 0
+    assert s["bytes_out"] + sum(s["removed_bytes"].values()) <= s["bytes_in"]
+    assert all(s["removed_bytes"][r] > 0 for r in rules if s["removed"][r])
     kept = docs_in(root / "filter")
     assert kept and all(d.metadata["language"] == "en" and d.metadata["language_score"] >= 0.65 for d in kept)
     removed = [d for f in (root / "filter" / "removed").glob("*.parquet") for d in read_docs(str(f))]
-    assert len(removed) == sum(s["removed"].values())
-    assert {d.metadata["removed_by"].split(":")[0] for d in removed} <= set(s["removed"])
+    sampled = Counter(d.metadata["removed_by"].split(":")[0] for d in removed)
+    # a bounded sample per rule and shard, and every rule that removed something has examples
+    assert all(
+        0 < sampled[r] <= min(s["removed"][r], cfg.filter.removed_sample_per_rule * 10)
+        for r in rules
+        if s["removed"][r]
+    )
     assert any(d.metadata["language"] in ("de", "fr", "es") for d in removed)
 
 
@@ -90,16 +113,7 @@ def test_dedup_removes_exact_and_near_copies_keeping_the_first(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
     cfg = load_config("tiny", {"storage.root": str(tmp_path / "out"), "ingest.inputs": [str(src)]})
-    ingest.run(cfg, log=lambda _: None)
-    # bypass the heuristic filters: dedup reads the filter stage's committed output
-    filter_out = filter.output(cfg)
-    ingested = ingest.output(cfg)
-    storage.remove(filter_out.uri)
-    (tmp_path / "out" / "filter").mkdir()
-    files = [n for n in ingested.manifest()["files"]]
-    for name in files:
-        (tmp_path / "out" / "filter" / name).write_bytes((tmp_path / "out" / "ingest" / name).read_bytes())
-    filter_out.commit({"test": 1}, {}, {}, files)
+    ingest_without_filtering(cfg)
     s = dedup.run(cfg, log=lambda _: None)
     kept = [d.id for d in docs_in(tmp_path / "out" / "dedup")]
     assert kept == ["a", "b"]
@@ -296,3 +310,90 @@ def test_malformed_records_are_quarantined_and_every_record_is_accounted_for(tmp
     assert docs["ok-1"].url == "https://example.org/1" and docs["ok-1"].metadata == {"lang": "en"}
     assert "a.jsonl.gz/10" in docs and docs["a.jsonl.gz/10"].text.endswith("Second.")
     assert any(d.url == "https://example.org/wet/0" and d.text == good for d in docs.values())
+
+
+def test_url_badwords_pii_rules_and_configured_thresholds(tmp_path):
+    badword = next(
+        w for w in (REPO / "models" / "badwords" / "en").read_text().split("\n") if w.isalpha() and len(w) > 4
+    )
+    sentence = "The committee met on Tuesday to discuss the budget for the new library and the repairs to the bridge."
+    body = " ".join([sentence] * 6)
+    docs = [
+        {"id": "blocked", "text": body, "url": "https://news.blocked-site.com/today"},
+        {"id": "rude", "text": f"{body} Then someone said {badword} loudly.", "url": "https://ok.example/1"},
+        {
+            "id": "pii",
+            "text": f"{body} Write to jane.doe@mail.example.com or ping 8.8.8.8 or 192.168.1.7.",
+            "url": None,
+        },
+        {
+            "id": "short",
+            "text": "The library opened on time and the bridge was repaired at last by the city.",
+            "url": None,
+        },
+    ]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    overrides = {
+        "storage.root": str(tmp_path / "out"),
+        "ingest.inputs": [str(src)],
+        "filter.url.extra_domains": ["blocked-site.com"],
+        "filter.gopher_repetition.enabled": False,  # the test text repeats itself on purpose
+        "filter.fineweb_quality.enabled": False,
+        "filter.c4_quality.enabled": False,
+    }
+    cfg = load_config("tiny", overrides)
+    ingest.run(cfg, log=lambda _: None)
+    s = filter.run(cfg, log=lambda _: None)
+    assert "gopher_repetition" not in s["removed"]
+    assert (s["removed"]["url"], s["removed"]["c4_badwords"], s["removed"]["gopher_quality"]) == (1, 1, 1)
+    kept = {d.id: d.text for d in docs_in(tmp_path / "out" / "filter")}
+    assert list(kept) == ["pii"] and s["pii_redacted_docs"] == 1
+    assert "jane.doe@mail.example.com" not in kept["pii"] and "8.8.8.8" not in kept["pii"]
+    assert "192.168.1.7" in kept["pii"]  # private addresses are not personal data
+    lenient = load_config("tiny", {**overrides, "filter.gopher_quality.min_doc_words": 10})
+    assert filter.run(lenient, log=lambda _: None)["removed"]["gopher_quality"] == 0
+
+
+def test_tokenize_drops_training_docs_sharing_13_grams_with_evaluation_texts(small_corpus, tmp_path):
+    copies = {d["copy"] for d in json.loads((REPO / "data" / "sample" / "planted_duplicates.json").read_text())}
+    rows = pq.read_table(small_corpus["parquet"]).to_pylist()
+    texts, seen = [], set()
+    for row in rows:  # base documents that share no 13-gram with each other (word tuples: an independent oracle)
+        words = re.findall(r"\w+", row["text"].lower())
+        grams = {tuple(words[i : i + 13]) for i in range(len(words) - 12)}
+        if row["id"] not in copies and len(words) > 200 and not grams & seen and len(texts) < 40:
+            texts.append(row["text"])
+            seen |= grams
+    ids = [f"doc-{i}" for i in range(len(texts))]
+    val = [i for i, doc_id in enumerate(ids) if tokenize.split_of(doc_id, 0.2) == "val"]
+    train = [i for i in range(len(texts)) if i not in val]
+    assert val and len(train) > 3
+    benchmark = "the quick brown fox jumps over the lazy dog near the river bank at dawn every single day"
+    leaked = " ".join(texts[val[0]].split()[20:40])  # 20 words copied from a held-out document
+    texts[train[0]] += " " + leaked
+    texts[train[1]] += " Quoted: " + benchmark.upper()
+    twelve = " ".join(benchmark.split()[:12])  # an overlap one word short of 13 is not contamination
+    texts[train[2]] += " " + twelve
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts)))
+    bench_file = tmp_path / "benchmark.jsonl"
+    bench_file.write_text(json.dumps({"text": benchmark}) + "\n")
+    cfg = load_config(
+        "tiny",
+        {
+            "storage.root": str(tmp_path / "out"),
+            "ingest.inputs": [str(src)],
+            "tokenize.val_fraction": 0.2,
+            "tokenizer.vocab_size": 500,
+            "evaluate.decontaminate_with": [str(bench_file)],
+        },
+    )
+    ingest_without_filtering(cfg)
+    for stage in (dedup, tokenizer):
+        stage.run(cfg, log=lambda _: None)
+    s = tokenize.run(cfg, log=lambda _: None)
+    assert s["docs"] == {"train": len(train), "val": len(val)}
+    assert s["removed"] == {"decontaminated": 2}
+    index = json.loads((tmp_path / "out" / "tokens" / "train" / "index.json").read_text())
+    assert sum(c["chunk_size"] for c in index["chunks"]) == len(train) - 2
