@@ -23,8 +23,16 @@ from stages import storage
 from stages.config import PipelineConfig
 from stages.documents import ShardWriter, read_docs
 from stages.ingest import output as ingest_output
-from stages.parallel import map_in_processes
-from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
+from stages.stage import (
+    Log,
+    Progress,
+    StageResult,
+    committed_shards,
+    run_stage,
+    run_units,
+    stage_identity,
+    upstream_digest,
+)
 from stages.storage import StageOutput
 
 
@@ -88,7 +96,8 @@ def first_rejection(rules, document) -> str | None:
     return None
 
 
-def filter_shard(name: str, cfg: PipelineConfig, in_uri: str, out_uri: str) -> dict:
+def filter_shard(unit: str, name: str, cfg: PipelineConfig, in_uri: str, out_uri: str, progress: Progress) -> dict:
+    """One ingested shard to its kept and sampled-removed shards, then its completion marker (the last write)."""
     from datatrove.data import Document
     from datatrove.pipeline.formatters import PIIFormatter
 
@@ -126,7 +135,7 @@ def filter_shard(name: str, cfg: PipelineConfig, in_uri: str, out_uri: str) -> d
             doc.text = clean
         kept.write(doc)
     files = kept.close() + [f"removed/{f}" for f in removed.close()]
-    return {
+    result = {
         "docs_in": docs_in,
         "bytes_in": bytes_in,
         "docs_out": kept.docs,
@@ -137,6 +146,8 @@ def filter_shard(name: str, cfg: PipelineConfig, in_uri: str, out_uri: str) -> d
         "languages": dict(languages),
         "files": files,
     }
+    progress.mark(unit, result)
+    return result
 
 
 def output(cfg: PipelineConfig) -> StageOutput:
@@ -161,9 +172,11 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
     )
 
     def build() -> StageResult:
-        results = map_in_processes(
-            partial(filter_shard, cfg=cfg, in_uri=upstream.uri, out_uri=out.uri), shards, cfg.filter.workers
-        )
+        progress = Progress(out)
+        units = {name.removesuffix(".parquet"): name for name in shards}
+        work = partial(filter_shard, cfg=cfg, in_uri=upstream.uri, out_uri=out.uri, progress=progress)
+        by_unit, resumed = run_units(progress, units, work, cfg.filter.workers, log)
+        results = list(by_unit.values())
         removed, removed_bytes, languages = Counter(), Counter(), Counter()
         for result in results:
             removed.update(result["removed"])
@@ -177,6 +190,6 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         for rule, n in counts["removed"].items():
             log(f"filter: {rule} removed {n} documents")
         files = [f for r in results for f in r["files"]]
-        return StageResult(files, counts, {"languages": dict(languages.most_common())})
+        return StageResult(files, counts, {"languages": dict(languages.most_common()), "units_resumed": resumed})
 
     return run_stage(out, identity, build, log)

@@ -31,8 +31,7 @@ from typing import IO
 from stages import storage
 from stages.config import IngestConfig, PipelineConfig
 from stages.documents import Doc, ShardWriter
-from stages.parallel import map_in_processes
-from stages.stage import Log, StageResult, run_stage, stage_identity
+from stages.stage import Log, Progress, StageResult, run_stage, run_units, stage_identity
 from stages.storage import StageOutput
 
 FORMATS = {
@@ -255,7 +254,8 @@ class QuarantineWriter:
         return self._context is not None
 
 
-def ingest_file(job: tuple[int, str], cfg: PipelineConfig, out_uri: str) -> dict:
+def ingest_file(unit: str, job: tuple[int, str], cfg: PipelineConfig, out_uri: str, progress: Progress) -> dict:
+    """One input file to its shards and quarantine file, then its completion marker (the last write)."""
     index, uri = job
     quarantined: Counter = Counter()
     skipped: Counter = Counter()
@@ -273,7 +273,7 @@ def ingest_file(job: tuple[int, str], cfg: PipelineConfig, out_uri: str) -> dict
     files = list(writer.files) + ([quarantine_name] if quarantine.close() else [])
     if records != writer.docs + quarantine.count:
         raise AssertionError(f"{uri}: {records} records but {writer.docs} documents + {quarantine.count} quarantined")
-    return {
+    result = {
         "uri": uri,
         "format": detect_format(uri),
         "records": records,
@@ -283,6 +283,8 @@ def ingest_file(job: tuple[int, str], cfg: PipelineConfig, out_uri: str) -> dict
         "skipped": dict(skipped),
         "files": files,
     }
+    progress.mark(unit, result)
+    return result
 
 
 def output(cfg: PipelineConfig) -> StageOutput:
@@ -297,9 +299,11 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
     )
 
     def build() -> StageResult:
-        per_file = map_in_processes(
-            partial(ingest_file, cfg=cfg, out_uri=out.uri), enumerate(inputs), cfg.ingest.workers
-        )
+        progress = Progress(out)
+        units = {f"file-{index:04d}": (index, uri) for index, uri in enumerate(inputs)}
+        work = partial(ingest_file, cfg=cfg, out_uri=out.uri, progress=progress)
+        results, resumed = run_units(progress, units, work, cfg.ingest.workers, log)
+        per_file = list(results.values())
         files, by_format, quarantined, skipped = [], Counter(), Counter(), Counter()
         for result in per_file:
             files += result["files"]
@@ -319,6 +323,7 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
             "quarantined": dict(sorted(quarantined.items())),
             "quarantined_total": sum(quarantined.values()),
         }
-        return StageResult(files, counts, {"docs_by_format": dict(by_format), "skipped_records": dict(skipped)})
+        stats = {"docs_by_format": dict(by_format), "skipped_records": dict(skipped), "units_resumed": resumed}
+        return StageResult(files, counts, stats)
 
     return run_stage(out, identity, build, log)

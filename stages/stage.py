@@ -2,8 +2,14 @@
 
 A stage's identity is its name, a digest of its own source file (the code version), the digest of the config
 sections it reads and the fingerprints of its inputs. If the manifest in its output folder carries the same
-identity the stage is skipped and its recorded stats returned; otherwise the folder is cleared (a partial
-output from a killed run is never trusted) and the stage is rebuilt, committing its manifest last.
+identity the stage is skipped and its recorded stats returned. Otherwise the stage is rebuilt, committing its
+manifest last.
+
+Stages whose work splits into independent units (ingest: one input file; filter: one shard) also resume: each
+unit writes its outputs, then a completion marker in `_progress/` holding its result (datatrove's
+completions/ folder). A rerun with the same identity after a kill keeps the finished units and redoes only the
+rest; units are deterministic, so the result is byte-identical to an uninterrupted run. A different identity
+clears the folder first: outputs of another config are never mixed in.
 
 Stats are plain JSON: counts in and out, removals per rule, seconds and throughput. The Prefect layer turns
 them into artifacts; nothing here knows about Prefect.
@@ -17,12 +23,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from stages import storage
 from stages.config import PipelineConfig
+from stages.parallel import map_in_processes
 from stages.storage import StageOutput
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,13 +51,55 @@ def stage_identity(module_name: str, cfg: PipelineConfig, section: str, inputs) 
     return {"code": code_version(sys.modules[module_name]), "config": cfg.section_digest(section), "inputs": inputs}
 
 
+PROGRESS = "_progress"
+
+
+@dataclass
+class Progress:
+    """Completion markers of a stage's work units; picklable, so worker processes mark their own units."""
+
+    output: StageOutput
+
+    def _uri(self, unit: str) -> str:
+        return self.output.path(PROGRESS, f"{unit}.json")
+
+    def result(self, unit: str) -> dict | None:
+        uri = self._uri(unit)
+        return storage.read_json(uri, self.output.storage) if storage.exists(uri, self.output.storage) else None
+
+    def mark(self, unit: str, result: dict) -> None:
+        storage.write_json(self._uri(unit), result, self.output.storage)
+
+
+def run_units(progress: Progress, units: dict[str, T], work: Callable[[str, T], dict], workers: int, log: Log):
+    """Results of every unit, running only those without a completion marker. `work(name, item)` must mark."""
+    pending = {name: item for name, item in units.items() if progress.result(name) is None}
+    if len(pending) < len(units):
+        log(f"{progress.output.stage}: {len(units) - len(pending)} of {len(units)} units already done, resuming")
+    map_in_processes(partial(_run_unit, work=work), list(pending.items()), workers)
+    return {name: progress.result(name) for name in units}, len(units) - len(pending)
+
+
+def _run_unit(job: tuple, work: Callable) -> None:
+    work(*job)
+
+
 def run_stage(output: StageOutput, identity: dict, build: Callable[[], StageResult], log: Log) -> dict:
     if output.is_current(identity):
         stats = storage.read_json(output.path(storage.STATS), output.storage)
         log(f"{output.stage}: up to date at {output.uri}, skipped")
         return {**stats, "skipped": True}
-    output.reset()
-    log(f"{output.stage}: building {output.uri}")
+    started_as = output.path(PROGRESS, "identity.json")
+    if (
+        output.manifest() is None
+        and storage.exists(started_as, output.storage)
+        and (storage.read_json(started_as, output.storage) == identity)
+    ):
+        log(f"{output.stage}: resuming an interrupted build of {output.uri}")
+    else:
+        output.reset()
+        storage.write_json(started_as, identity, output.storage)
+        log(f"{output.stage}: building {output.uri}")
     started = time.perf_counter()
     result = build()
     seconds = time.perf_counter() - started

@@ -201,8 +201,10 @@ class StageOutput:
         remove(self.uri, self.storage)
 
     def commit(self, identity: dict, counts: dict, stats: dict, files: list[str]) -> dict:
-        """Checksum every file, write stats.json, then the manifest last."""
+        """Sweep temporaries a killed writer left, checksum every file, write stats.json, then the manifest last."""
         started = time.time()
+        for leftover in expand(self.path("**", "*.tmp-*"), self.storage):
+            remove(leftover, self.storage)
         entries = {name: file_digest(self.path(name), self.storage) for name in sorted(files)}
         write_json(self.path(STATS), stats, self.storage)
         manifest = {
