@@ -149,10 +149,18 @@ class FilterConfig(Strict):
 
 
 class DedupConfig(Strict):
+    # FineWeb's MinHash: word 5-gram shingles, 14 bands of 8 rows (112 permutations), which flags pairs from a
+    # Jaccard similarity of about (1/14)^(1/8) = 0.72. With `threshold` set, datasketch instead picks the bands
+    # and rows (within bands x rows permutations) that best separate pairs above and below it.
     ngram: int = Field(5, ge=1)
-    num_perm: int = Field(112, ge=16)
-    threshold: float = Field(0.75, gt=0.0, lt=1.0)
+    bands: int = Field(14, ge=1)
+    rows: int = Field(8, ge=1)
+    threshold: float | None = Field(None, gt=0.0, lt=1.0)
     seed: int = 1
+
+    @property
+    def num_perm(self) -> int:
+        return self.bands * self.rows
 
 
 class TokenizerConfig(Strict):

@@ -8,6 +8,9 @@ Two streaming passes over the filtered shards, in a fixed order:
 2. each cluster keeps its earliest document (lowest position: deterministic whatever the LSH bucket order)
    and the shards are rewritten without the others.
 
+Banding is FineWeb's 14 x 8 unless `dedup.threshold` asks datasketch to choose; the stats record the bands and
+rows used and the similarity they imply, (1/bands)^(1/rows).
+
 Trade-off: the LSH index and the exact-hash set live in memory (about 1 KB of signature per document at 112
 permutations), which is fine to millions of documents; the curation issue replaces them with band-sorted
 signatures spilled to disk.
@@ -63,12 +66,15 @@ class UnionFind:
             self.parent.setdefault(lo, lo)
 
 
-def find_duplicates(cfg: PipelineConfig, in_uri: str, shards: list[str]) -> tuple[set[int], set[int], UnionFind]:
+def find_duplicates(cfg: PipelineConfig, in_uri: str, shards: list[str]) -> tuple[set[int], set[int], UnionFind, tuple]:
     """Pass 1: positions removed as exact repeats, positions in near-duplicate clusters, and the clusters."""
     from datasketch import MinHash, MinHashLSH
 
     dc = cfg.dedup
-    lsh = MinHashLSH(threshold=dc.threshold, num_perm=dc.num_perm)
+    if dc.threshold is None:
+        lsh = MinHashLSH(num_perm=dc.num_perm, params=(dc.bands, dc.rows))
+    else:
+        lsh = MinHashLSH(threshold=dc.threshold, num_perm=dc.num_perm)
     seen_exact: set[int] = set()
     exact: set[int] = set()
     clustered: set[int] = set()
@@ -103,7 +109,7 @@ def find_duplicates(cfg: PipelineConfig, in_uri: str, shards: list[str]) -> tupl
             position += 1
     if batch:
         index(batch)
-    return exact, clustered, clusters
+    return exact, clustered, clusters, (lsh.b, lsh.r)
 
 
 def output(cfg: PipelineConfig) -> StageOutput:
@@ -117,7 +123,7 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
     identity = stage_identity(__name__, cfg, "dedup", upstream_digest(upstream))
 
     def build() -> StageResult:
-        exact, clustered, clusters = find_duplicates(cfg, upstream.uri, shards)
+        exact, clustered, clusters, (bands, rows) = find_duplicates(cfg, upstream.uri, shards)
         cluster_sizes = Counter(clusters.find(p) for p in clustered)
         near = {p for p in clustered if clusters.find(p) != p}
         position = 0
@@ -146,6 +152,7 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         stats = {
             "clusters": len(cluster_sizes),
             "cluster_size_histogram": {str(k): v for k, v in sorted(histogram.items())},
+            "lsh": {"bands": bands, "rows": rows, "implied_threshold": round((1 / bands) ** (1 / rows), 3)},
         }
         return StageResult(files, counts, stats)
 
