@@ -85,15 +85,16 @@ def table(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace (or append) one `## ` section of BENCHMARKS.md, keeping the others."""
     path = REPO / "BENCHMARKS.md"
     body = (
         path.read_text()
         if path.exists()
         else "# Benchmarks\n\nFigures from `bench/`, each with the command that reproduces it.\n\n"
     )
-    if SECTION in body:
-        head, _, rest = body.partition(SECTION)
+    if section in body:
+        head, _, rest = body.partition(section)
         tail = rest[rest.find("\n## ") :] if "\n## " in rest else ""
         body = head + text + tail
     else:

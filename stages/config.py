@@ -156,7 +156,14 @@ class DedupConfig(Strict):
     bands: int = Field(14, ge=1)
     rows: int = Field(8, ge=1)
     threshold: float | None = Field(None, gt=0.0, lt=1.0)
+    # Join an LSH candidate only if its signature-estimated Jaccard reaches the threshold (the banding's implied
+    # one without `threshold`): fewer false pairs for one comparison of two signatures per candidate.
+    verify: bool = False
     seed: int = 1
+
+    @property
+    def nominal_threshold(self) -> float:
+        return self.threshold if self.threshold is not None else (1 / self.bands) ** (1 / self.rows)
 
     @property
     def num_perm(self) -> int:

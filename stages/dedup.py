@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
 
+import numpy as np
 import xxhash
 
 from stages import storage
-from stages.config import PipelineConfig
+from stages.config import DedupConfig, PipelineConfig
 from stages.documents import ShardWriter, read_docs
 from stages.filter import output as filter_output
 from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
@@ -66,20 +69,30 @@ class UnionFind:
             self.parent.setdefault(lo, lo)
 
 
-def find_duplicates(cfg: PipelineConfig, in_uri: str, shards: list[str]) -> tuple[set[int], set[int], UnionFind, tuple]:
-    """Pass 1: positions removed as exact repeats, positions in near-duplicate clusters, and the clusters."""
+@dataclass
+class Duplicates:
+    exact: set[int]  # positions that repeat an earlier document's normalized text
+    clustered: set[int]  # positions in a near-duplicate cluster (survivors included)
+    clusters: UnionFind  # find(position) is the cluster's earliest position: its survivor
+    bands: int
+    rows: int
+
+    @property
+    def near(self) -> set[int]:
+        return {p for p in self.clustered if self.clusters.find(p) != p}
+
+
+def find_duplicates(texts: Iterable[str], dc: DedupConfig) -> Duplicates:
+    """Pass 1 over texts in corpus order (position = index): exact repeats and near-duplicate clusters."""
     from datasketch import MinHash, MinHashLSH
 
-    dc = cfg.dedup
     if dc.threshold is None:
         lsh = MinHashLSH(num_perm=dc.num_perm, params=(dc.bands, dc.rows))
     else:
         lsh = MinHashLSH(threshold=dc.threshold, num_perm=dc.num_perm)
     seen_exact: set[int] = set()
-    exact: set[int] = set()
-    clustered: set[int] = set()
-    clusters = UnionFind()
-    position = 0
+    found = Duplicates(set(), set(), UnionFind(), lsh.b, lsh.r)
+    signatures_by_position: dict[int, np.ndarray] = {}
 
     def index(batch: list[tuple[int, str]]) -> None:
         signatures = MinHash.bulk(
@@ -90,26 +103,28 @@ def find_duplicates(cfg: PipelineConfig, in_uri: str, shards: list[str]) -> tupl
         )
         for (pos, _), signature in zip(batch, signatures):
             for other in lsh.query(signature):
-                clusters.union(pos, other)
-                clustered.update((pos, other))
+                if dc.verify and np.mean(signatures_by_position[other] == signature.hashvalues) < dc.nominal_threshold:
+                    continue
+                found.clusters.union(pos, other)
+                found.clustered.update((pos, other))
             lsh.insert(pos, signature, check_duplication=False)
+            if dc.verify:
+                signatures_by_position[pos] = signature.hashvalues
 
     batch: list[tuple[int, str]] = []
-    for shard in shards:
-        for doc in read_docs(storage.join(in_uri, shard), cfg.storage):
-            key = xxhash.xxh3_64_intdigest(normalize(doc.text).encode())
-            if key in seen_exact:
-                exact.add(position)
-            else:
-                seen_exact.add(key)
-                batch.append((position, doc.text))
-                if len(batch) >= BATCH:
-                    index(batch)
-                    batch = []
-            position += 1
+    for position, text in enumerate(texts):
+        key = xxhash.xxh3_64_intdigest(normalize(text).encode())
+        if key in seen_exact:
+            found.exact.add(position)
+            continue
+        seen_exact.add(key)
+        batch.append((position, text))
+        if len(batch) >= BATCH:
+            index(batch)
+            batch = []
     if batch:
         index(batch)
-    return exact, clustered, clusters, (lsh.b, lsh.r)
+    return found
 
 
 def output(cfg: PipelineConfig) -> StageOutput:
@@ -123,9 +138,10 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
     identity = stage_identity(__name__, cfg, "dedup", upstream_digest(upstream))
 
     def build() -> StageResult:
-        exact, clustered, clusters, (bands, rows) = find_duplicates(cfg, upstream.uri, shards)
-        cluster_sizes = Counter(clusters.find(p) for p in clustered)
-        near = {p for p in clustered if clusters.find(p) != p}
+        texts = (doc.text for shard in shards for doc in read_docs(storage.join(upstream.uri, shard), cfg.storage))
+        found = find_duplicates(texts, cfg.dedup)
+        exact, near, clusters = found.exact, found.near, found.clusters
+        cluster_sizes = Counter(clusters.find(p) for p in found.clustered)
         position = 0
         files: list[str] = []
         docs_in = bytes_in = docs_out = bytes_out = 0
@@ -152,7 +168,12 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         stats = {
             "clusters": len(cluster_sizes),
             "cluster_size_histogram": {str(k): v for k, v in sorted(histogram.items())},
-            "lsh": {"bands": bands, "rows": rows, "implied_threshold": round((1 / bands) ** (1 / rows), 3)},
+            "lsh": {
+                "bands": found.bands,
+                "rows": found.rows,
+                "implied_threshold": round((1 / found.bands) ** (1 / found.rows), 3),
+                "verified": cfg.dedup.verify,
+            },
         }
         return StageResult(files, counts, stats)
 

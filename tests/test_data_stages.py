@@ -119,7 +119,12 @@ def test_dedup_removes_exact_and_near_copies_keeping_the_first(tmp_path):
     assert kept == ["a", "b"]
     assert s["removed"] == {"exact": 2, "near": 1}  # d (case-folded copy of a) and e exact; c near
     assert s["cluster_size_histogram"] == {"2": 1}
-    assert s["lsh"] == {"bands": 14, "rows": 8, "implied_threshold": 0.719}  # FineWeb's banding by default
+    assert s["lsh"] == {
+        "bands": 14,
+        "rows": 8,
+        "implied_threshold": 0.719,
+        "verified": False,
+    }  # FineWeb's banding by default
 
 
 def test_tokenizer_round_trips_and_has_eos(pipeline):
