@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STACK := $(PY) infra/stack.py
 
-.PHONY: install demo stack stack-s3 down status test
+.PHONY: install demo stack stack-s3 down status test redis
 
 # torch is pinned in the same pip command as everything that depends on it, so pip takes the CPU wheel
 # on disk instead of resolving a multi-GB CUDA build.
@@ -27,6 +27,10 @@ status:
 demo: stack
 	$(PY) infra/demo.py
 
-test: install
+# The Redis-backed dedup index is tested against a real redis-server (Debian's package).
+redis:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+
+test: install redis
 	$(PY) -m ruff check stages flows infra tests bench
 	$(PY) -m pytest -q

@@ -68,13 +68,20 @@ def describe(row: dict) -> str:
     return f"heldout bits/byte {metrics.get('bits_per_byte', float('nan')):.3f} on {s['docs']} docs"
 
 
+def machine() -> str:
+    """The line every benchmark section carries: where and when its figures were measured."""
+    return (
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; "
+        f"measured {time.strftime('%Y-%m-%d')}."
+    )
+
+
 def table(rows: list[dict], command: str) -> str:
     lines = [
         SECTION,
         "",
         f"Command: `{command}`",
-        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; "
-        f"measured {time.strftime('%Y-%m-%d')}.",
+        machine(),
         "",
         "| stage | first run (s) | rerun, skipped (s) | what it did |",
         "|---|---:|---:|---|",

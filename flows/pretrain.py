@@ -56,6 +56,17 @@ tokenize_task = _stage_task("tokenize", tokenize.run)
 evaluate_task = _stage_task("evaluate", evaluate.run)
 
 
+def on_cluster_if_configured(stage_task, cfg: PipelineConfig) -> dict:
+    """Run a data stage's task here, or with `cluster.dask_address` set, on that Dask cluster through
+    prefect-dask (the stage then spreads its units over the same cluster: stages/parallel.py)."""
+    if not cfg.cluster.dask_address:
+        return stage_task(cfg)
+    from prefect_dask import DaskTaskRunner
+
+    with DaskTaskRunner(address=cfg.cluster.dask_address) as runner:
+        return runner.submit(stage_task, {"cfg": cfg}).result()
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig) -> dict:
     # The torchrun children's output streams line by line into this task's log.
@@ -92,9 +103,9 @@ def pretrain(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> d
     preflight(cfg)
     get_run_logger().info("config %s, outputs under %s", cfg.name, cfg.storage.root)
     stats: dict[str, dict] = {}
-    stats["ingest"] = ingest_task(cfg)
-    stats["filter"] = filter_task(cfg)
-    stats["dedup"] = dedup_task(cfg)
+    stats["ingest"] = on_cluster_if_configured(ingest_task, cfg)
+    stats["filter"] = on_cluster_if_configured(filter_task, cfg)
+    stats["dedup"] = on_cluster_if_configured(dedup_task, cfg)
     stats["tokenizer"] = tokenizer_task(cfg)
     stats["tokenize"] = tokenize_task(cfg)
     create_markdown_artifact(key="data-funnel", markdown="# Data funnel\n\n" + funnel(stats))

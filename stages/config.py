@@ -27,6 +27,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "config"
 
 
+# Fields that change how a stage runs, never what it outputs: left out of a stage's identity.
+RUNTIME_ONLY = ("workers", "bucket_records", "redis_url")
+
+
 class ConfigError(ValueError):
     """A configuration problem, named by file and field, raised before any work starts."""
 
@@ -131,6 +135,37 @@ class PiiConfig(Rule):
     only_remove_public_ips: bool = True
 
 
+class QualityClassifierConfig(Strict):
+    # A fastText classifier trained by the filter stage (stages/quality_model.py): documents scoring below the
+    # threshold on the `hq` label are removed. Off unless a reference corpus is named.
+    enabled: bool = False
+    positive: list[str] = []  # reference corpus files (any format ingest reads)
+    negative: list[str] = []  # default: a random sample of the ingested documents
+    max_examples: int = Field(20_000, gt=0)  # per class
+    keep_threshold: float | None = Field(0.5, ge=0.0, le=1.0)
+    keep_top_fraction: float | None = Field(None, gt=0.0, le=1.0)  # instead: keep this share of the raw pool
+    epoch: int = Field(20, gt=0)  # fastText's defaults (5 epochs, lr 0.1) underfit a few thousand examples
+    lr: float = Field(0.5, gt=0)
+    word_ngrams: int = Field(2, ge=1)
+    # Hash buckets for word n-grams: fastText's default, 2M, makes a 550 MB model at dim 64; 100k (25 MB)
+    # costs a few bigram collisions, which a quality score barely feels.
+    buckets: int = Field(100_000, gt=0)
+    dim: int = Field(64, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "QualityClassifierConfig":
+        if self.enabled and not self.positive:
+            raise ValueError("enabled without a reference corpus: set filter.quality.positive")
+        if (
+            self.keep_top_fraction is not None
+            and self.keep_threshold is not None
+            and "keep_threshold" in (self.model_fields_set)
+        ):
+            raise ValueError("set keep_threshold or keep_top_fraction, not both")
+        return self
+
+
 class FilterConfig(Strict):
     # FineWeb's pipeline, in its order: URL blocklist, fastText language ID (English, score >= 0.65), Gopher
     # repetition and quality, C4 quality, FineWeb quality; then C4 bad words, then PII redaction.
@@ -145,29 +180,29 @@ class FilterConfig(Strict):
     c4_quality: C4QualityConfig = C4QualityConfig()
     fineweb_quality: FineWebQualityConfig = FineWebQualityConfig()
     c4_badwords: C4BadWordsConfig = C4BadWordsConfig()
+    quality: QualityClassifierConfig = QualityClassifierConfig()
     pii: PiiConfig = PiiConfig()
 
 
 class DedupConfig(Strict):
     # FineWeb's MinHash: word 5-gram shingles, 14 bands of 8 rows (112 permutations), which flags pairs from a
     # Jaccard similarity of about (1/14)^(1/8) = 0.72. With `threshold` set, datasketch instead picks the bands
-    # and rows (within bands x rows permutations) that best separate pairs above and below it.
+    # and rows (within bands x rows permutations) for it.
     ngram: int = Field(5, ge=1)
     bands: int = Field(14, ge=1)
     rows: int = Field(8, ge=1)
     threshold: float | None = Field(None, gt=0.0, lt=1.0)
-    # Join an LSH candidate only if its signature-estimated Jaccard reaches the threshold (the banding's implied
-    # one without `threshold`): fewer false pairs for one comparison of two signatures per candidate.
+    # Keep a candidate pair only if the exact Jaccard similarity of its shingle sets reaches the threshold (the
+    # banding's implied one without `threshold`): NeMo Curator's false-positive check, one set comparison per
+    # candidate, and with it the banding leans towards recall.
     verify: bool = False
     seed: int = 1
-
-    @property
-    def nominal_threshold(self) -> float:
-        return self.threshold if self.threshold is not None else (1 / self.bands) ** (1 / self.rows)
-
-    @property
-    def num_perm(self) -> int:
-        return self.bands * self.rows
+    # Where LSH buckets are found: sorted band tables on the stage's storage (any number of workers, memory
+    # bounded), or datasketch's MinHashLSH on a Redis server that all workers share.
+    index: Literal["tables", "redis"] = "tables"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    bucket_records: int = Field(8_000_000, gt=0)  # per bucket unit (16 bytes each): its memory bound
+    workers: int = Field(1, ge=1)  # processes
 
 
 class TokenizerConfig(Strict):
@@ -236,9 +271,18 @@ class EvaluateConfig(Strict):
     decontaminate_with: list[str] = []
 
 
+class ClusterConfig(Strict):
+    # Where the data stages' units run. Unset: local worker processes (each stage's `workers`). Set to an
+    # existing Dask scheduler (tcp://host:8786): every unit of ingest, filter and dedup runs on that cluster, and
+    # the flow submits those stages' tasks to it through prefect-dask. Workers need this code and the same
+    # storage (S3, or a shared file system).
+    dask_address: str | None = None
+
+
 class PipelineConfig(Strict):
     name: str = "tiny"
     storage: StorageConfig = StorageConfig()
+    cluster: ClusterConfig = ClusterConfig()
     ingest: IngestConfig
     filter: FilterConfig = FilterConfig()
     dedup: DedupConfig = DedupConfig()
@@ -253,7 +297,8 @@ class PipelineConfig(Strict):
         data = self.model_dump(mode="json", include=set(sections))
         for section in data.values():
             if isinstance(section, dict):
-                section.pop("workers", None)  # how many processes changes the speed, never the output
+                for key in RUNTIME_ONLY:  # how many processes or how the work is cut changes the speed only
+                    section.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
@@ -309,6 +354,8 @@ def _resolve_relative(cfg: PipelineConfig) -> PipelineConfig:
     cfg.ingest.inputs = [local(p) for p in cfg.ingest.inputs]
     cfg.filter.lid_model_path = local(cfg.filter.lid_model_path)
     cfg.filter.c4_badwords.lists_dir = local(cfg.filter.c4_badwords.lists_dir)
+    cfg.filter.quality.positive = [local(p) for p in cfg.filter.quality.positive]
+    cfg.filter.quality.negative = [local(p) for p in cfg.filter.quality.negative]
     if cfg.tokenizer.path:
         cfg.tokenizer.path = local(cfg.tokenizer.path)
     cfg.evaluate.decontaminate_with = [local(p) for p in cfg.evaluate.decontaminate_with]

@@ -19,7 +19,7 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from stages import storage
+from stages import quality_model, storage, word_tokens
 from stages.config import PipelineConfig
 from stages.documents import ShardWriter, read_docs
 from stages.ingest import output as ingest_output
@@ -47,10 +47,25 @@ def _local_badwords(lists_dir: str) -> None:
     c4_filters._BADWORDS_LANGS = [lang for lang in c4_filters._BADWORDS_LANGS if lang in available]
 
 
-def build_rules(cfg: PipelineConfig) -> list[tuple[str, object]]:
+# Blocks that hold no state between documents and are costly to build (datatrove's URL blocklists take about a
+# second to parse, the fastText models to load) are built once per process and reused for every shard; the
+# others are built per shard, so that a shard's output never depends on which shards a process ran before
+# (C4BadWordsFilter draws from a seeded generator).
+_REUSED: dict[str, object] = {}
+
+
+def _reused(key: str, make):
+    if key not in _REUSED:
+        _REUSED[key] = make()
+    return _REUSED[key]
+
+
+def build_rules(cfg: PipelineConfig, quality: dict | None = None) -> list[tuple[str, object]]:
+    """The rules in order; `quality` is the trained classifier (stages/quality_model.py), when enabled."""
     from datatrove.pipeline.filters import (
         C4BadWordsFilter,
         C4QualityFilter,
+        FastTextClassifierFilter,
         FineWebQualityFilter,
         GopherQualityFilter,
         GopherRepetitionFilter,
@@ -65,12 +80,20 @@ def build_rules(cfg: PipelineConfig) -> list[tuple[str, object]]:
         raise FileNotFoundError(f"filter.lid_model_path: {model_path} does not exist (run `make install`)")
     rules: list[tuple[str, object]] = []
     if fc.url.enabled:
-        url = URLFilter(**fc.url.block_kwargs())
-        url.tldextractor = TLDExtract(suffix_list_urls=())
-        rules.append(("url", url))
-    language = LanguageFilter(languages=fc.languages or None, language_threshold=fc.language_threshold)
-    language.model.MODEL_URL = str(model_path)
-    rules.append(("language", language))
+
+        def make_url():
+            url = URLFilter(**fc.url.block_kwargs())
+            url.tldextractor = TLDExtract(suffix_list_urls=())
+            return url
+
+        rules.append(("url", _reused(f"url {storage.digest_of(fc.url.block_kwargs())}", make_url)))
+
+    def make_language():
+        language = LanguageFilter(languages=fc.languages or None, language_threshold=fc.language_threshold)
+        language.model.MODEL_URL = str(model_path)
+        return language
+
+    rules.append(("language", _reused(f"language {fc.languages} {fc.language_threshold} {model_path}", make_language)))
     blocks = [
         ("gopher_repetition", fc.gopher_repetition, GopherRepetitionFilter),
         ("gopher_quality", fc.gopher_quality, GopherQualityFilter),
@@ -81,6 +104,14 @@ def build_rules(cfg: PipelineConfig) -> list[tuple[str, object]]:
     if fc.c4_badwords.enabled:
         _local_badwords(fc.c4_badwords.lists_dir)
     rules += [(name, block(**rule.block_kwargs())) for name, rule, block in blocks if rule.enabled]
+    if quality is not None:
+        model = quality_model.local_copy(cfg, quality["model_uri"])
+        keep = [(quality_model.LABEL, quality["threshold"])]
+        classifier = _reused(
+            f"quality {model} {quality['threshold']}",
+            lambda: FastTextClassifierFilter(model, keep_labels=keep, save_labels_in_metadata=False),
+        )
+        rules.append(("quality", classifier))
     return rules
 
 
@@ -96,13 +127,16 @@ def first_rejection(rules, document) -> str | None:
     return None
 
 
-def filter_shard(unit: str, name: str, cfg: PipelineConfig, in_uri: str, out_uri: str, progress: Progress) -> dict:
+def filter_shard(
+    unit: str, name: str, cfg: PipelineConfig, in_uri: str, out_uri: str, progress: Progress, quality: dict | None
+) -> dict:
     """One ingested shard to its kept and sampled-removed shards, then its completion marker (the last write)."""
     from datatrove.data import Document
     from datatrove.pipeline.formatters import PIIFormatter
 
     fc = cfg.filter
-    rules = build_rules(cfg)
+    word_tokens.install()
+    rules = build_rules(cfg, quality)
     pii = PIIFormatter(**fc.pii.block_kwargs()) if fc.pii.enabled else None
     removed_docs: Counter = Counter()
     removed_bytes: Counter = Counter()
@@ -168,14 +202,25 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
             "badwords": [
                 storage.raw_fingerprint(str(p)) for p in sorted(Path(cfg.filter.c4_badwords.lists_dir).glob("*"))
             ],
+            "quality_examples": {
+                uri: storage.raw_fingerprint(uri, cfg.storage)
+                for uri in cfg.filter.quality.positive + cfg.filter.quality.negative
+            },
         },
+        helpers=(quality_model, word_tokens),
     )
 
     def build() -> StageResult:
         progress = Progress(out)
+        quality = None
+        if cfg.filter.quality.enabled:
+            quality = quality_model.train(cfg, [storage.join(upstream.uri, s) for s in shards], out.uri)
+            quality["model_uri"] = out.path(quality["model"])
+            log(f"filter: quality classifier {quality['model']}: held-out precision {quality['held_out_precision']}, "
+                f"recall {quality['held_out_recall']} at threshold {quality['threshold']}")  # fmt: skip
         units = {name.removesuffix(".parquet"): name for name in shards}
-        work = partial(filter_shard, cfg=cfg, in_uri=upstream.uri, out_uri=out.uri, progress=progress)
-        by_unit, resumed = run_units(progress, units, work, cfg.filter.workers, log)
+        work = partial(filter_shard, cfg=cfg, in_uri=upstream.uri, out_uri=out.uri, progress=progress, quality=quality)
+        by_unit, resumed = run_units(progress, units, work, cfg.filter.workers, log, cfg.cluster.dask_address)
         results = list(by_unit.values())
         removed, removed_bytes, languages = Counter(), Counter(), Counter()
         for result in results:
@@ -184,12 +229,15 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
             languages.update(result["languages"])
         keys = ("docs_in", "bytes_in", "docs_out", "bytes_out", "pii_redacted_docs")
         counts = {key: sum(r[key] for r in results) for key in keys}
-        rules = [name for name, _ in build_rules(cfg)]
+        rules = [name for name, _ in build_rules(cfg, quality)]
         counts["removed"] = {name: removed.get(name, 0) for name in rules}
         counts["removed_bytes"] = {name: removed_bytes.get(name, 0) for name in rules}
         for rule, n in counts["removed"].items():
             log(f"filter: {rule} removed {n} documents")
         files = [f for r in results for f in r["files"]]
-        return StageResult(files, counts, {"languages": dict(languages.most_common()), "units_resumed": resumed})
+        if quality is not None:
+            files.append(quality["model"])
+        stats = {"languages": dict(languages.most_common()), "units_resumed": resumed, "quality_classifier": quality}
+        return StageResult(files, counts, stats)
 
     return run_stage(out, identity, build, log)

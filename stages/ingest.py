@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import PurePosixPath
 from typing import IO
 
+from datatrove.pipeline.extractors.base import ExtractorSandbox
+
 from stages import storage
 from stages.config import IngestConfig, PipelineConfig
 from stages.documents import Doc, ShardWriter
@@ -186,15 +188,29 @@ def read_text_file(uri: str, cfg: PipelineConfig) -> Iterator[Record]:
     yield _from_object({"id": uri, "text": text}, uri, "file", cfg.ingest, data)
 
 
+class RestartableSandbox(ExtractorSandbox):
+    """datatrove's ExtractorSandbox (HTML extraction in a child process that a timeout can kill), restartable
+    under any start method.
+
+    After a timeout the sandbox starts a new child, pickling itself as part of the child's target unless the
+    start method is fork. Inside our worker processes the start method is forkserver, and the sandbox then holds
+    the previous child's Process object, which cannot be pickled ('cannot pickle weakref'): the restart failed,
+    and every later page of the file with it. The child needs only the sandbox's settings, so only those are
+    pickled.
+    """
+
+    def __getstate__(self) -> dict:
+        return {"timeout": self.timeout, "warmup_text": self.warmup_text}
+
+
 def read_warc(uri: str, cfg: PipelineConfig, skipped: Counter) -> Iterator[Record]:
     """Response records with HTML (extracted) and WET conversion records (already text)."""
     from datatrove.pipeline.extractors import Trafilatura
-    from datatrove.pipeline.extractors.base import ExtractorSandbox
     from datatrove.pipeline.readers.warc import process_record
     from warcio.archiveiterator import ArchiveIterator
 
     extractor = Trafilatura(favour_precision=True, timeout=EXTRACT_TIMEOUT_S)
-    with storage.open_uri(uri, "rb", cfg.storage) as f, ExtractorSandbox(EXTRACT_TIMEOUT_S) as sandbox:
+    with storage.open_uri(uri, "rb", cfg.storage) as f, RestartableSandbox(EXTRACT_TIMEOUT_S) as sandbox:
         for number, record in enumerate(ArchiveIterator(f), 1):
             if record.rec_type not in ("response", "conversion"):
                 skipped["warc_non_document_records"] += 1  # warcinfo, request, metadata: not documents
@@ -302,7 +318,7 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         progress = Progress(out)
         units = {f"file-{index:04d}": (index, uri) for index, uri in enumerate(inputs)}
         work = partial(ingest_file, cfg=cfg, out_uri=out.uri, progress=progress)
-        results, resumed = run_units(progress, units, work, cfg.ingest.workers, log)
+        results, resumed = run_units(progress, units, work, cfg.ingest.workers, log, cfg.cluster.dask_address)
         per_file = list(results.values())
         files, by_format, quarantined, skipped = [], Counter(), Counter(), Counter()
         for result in per_file:

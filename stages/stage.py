@@ -42,13 +42,16 @@ class StageResult:
     stats: dict = field(default_factory=dict)
 
 
-def code_version(module) -> str:
-    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:12]
+def code_version(*modules) -> str:
+    source = "".join(inspect.getsource(module) for module in modules)
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
-def stage_identity(module_name: str, cfg: PipelineConfig, section: str, inputs) -> dict:
-    """What a stage's output is a function of: its code, the config section it reads and its inputs."""
-    return {"code": code_version(sys.modules[module_name]), "config": cfg.section_digest(section), "inputs": inputs}
+def stage_identity(module_name: str, cfg: PipelineConfig, section: str, inputs, helpers=()) -> dict:
+    """What a stage's output is a function of: its code (its module and the `helpers` modules holding its
+    algorithms), the config section it reads and its inputs."""
+    code = code_version(sys.modules[module_name], *helpers)
+    return {"code": code, "config": cfg.section_digest(section), "inputs": inputs}
 
 
 PROGRESS = "_progress"
@@ -71,12 +74,19 @@ class Progress:
         storage.write_json(self._uri(unit), result, self.output.storage)
 
 
-def run_units(progress: Progress, units: dict[str, T], work: Callable[[str, T], dict], workers: int, log: Log):
+def run_units(
+    progress: Progress,
+    units: dict[str, T],
+    work: Callable[[str, T], dict],
+    workers: int,
+    log: Log,
+    dask_address: str | None = None,
+):
     """Results of every unit, running only those without a completion marker. `work(name, item)` must mark."""
     pending = {name: item for name, item in units.items() if progress.result(name) is None}
     if len(pending) < len(units):
         log(f"{progress.output.stage}: {len(units) - len(pending)} of {len(units)} units already done, resuming")
-    map_in_processes(partial(_run_unit, work=work), list(pending.items()), workers)
+    map_in_processes(partial(_run_unit, work=work), list(pending.items()), workers, dask_address)
     return {name: progress.result(name) for name in units}, len(units) - len(pending)
 
 

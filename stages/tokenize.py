@@ -98,7 +98,7 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         "tokenizer": upstream_digest(tok_out),
         "decontamination": decontamination,
     }
-    identity = stage_identity(__name__, cfg, "tokenize", inputs)
+    identity = stage_identity(__name__, cfg, "tokenize", inputs, helpers=(decontaminate,))
     tc = cfg.tokenize
 
     def build() -> StageResult:

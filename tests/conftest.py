@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -15,12 +16,43 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from stages import filter, ingest, storage
+from stages.documents import read_docs
+from stages.storage import MANIFEST
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
 BIN = Path(sys.executable).parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def docs_in(folder):
+    manifest = json.loads((folder / MANIFEST).read_text())
+    shards = [name for name in sorted(manifest["files"]) if "/" not in name and name.endswith(".parquet")]
+    return [d for name in shards for d in read_docs(str(folder / name))]
+
+
+def ingest_without_filtering(cfg) -> None:
+    """Ingest, then commit the ingested shards as the filter stage's output, bypassing its heuristics."""
+    ingest.run(cfg, log=lambda _: None)
+    ingested, filter_out = ingest.output(cfg), filter.output(cfg)
+    files = [n for n in ingested.manifest()["files"] if n.endswith(".parquet")]
+    for name in files:
+        with storage.atomic_write(filter_out.path(name)) as f:
+            f.write(Path(ingested.path(name)).read_bytes())
+    filter_out.commit({"test": 1}, {}, {}, files)
+
+
+def wait_for_port(port: int, seconds: float) -> None:
+    """Until something listens on the loopback port (a server just started), or the time is up."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -56,12 +88,7 @@ def s3_endpoint(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.2)
+    wait_for_port(port, 30)
     credentials = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

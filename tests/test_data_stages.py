@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +18,9 @@ from stages import dedup, filter, ingest, storage, tokenize, tokenizer
 from stages.config import REPO_ROOT as REPO
 from stages.config import load_config
 from stages.documents import read_docs
+from stages.parallel import map_in_processes
 from stages.storage import MANIFEST, STATS
+from tests.conftest import docs_in, ingest_without_filtering
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +39,6 @@ def pipeline(small_corpus, tmp_path_factory):
     for stage in (ingest, filter, dedup, tokenizer, tokenize):
         stats[stage.__name__.split(".")[-1]] = stage.run(cfg, log=lambda _: None)
     return cfg, root, stats
-
-
-def docs_in(folder):
-    manifest = json.loads((folder / MANIFEST).read_text())
-    return [d for name in sorted(manifest["files"]) if "/" not in name for d in read_docs(str(folder / name))]
-
-
-def ingest_without_filtering(cfg) -> None:
-    """Ingest, then commit the ingested shards as the filter stage's output, bypassing its heuristics."""
-    ingest.run(cfg, log=lambda _: None)
-    ingested, filter_out = ingest.output(cfg), filter.output(cfg)
-    files = [n for n in ingested.manifest()["files"] if n.endswith(".parquet")]
-    for name in files:
-        with storage.atomic_write(filter_out.path(name)) as f:
-            f.write(Path(ingested.path(name)).read_bytes())
-    filter_out.commit({"test": 1}, {}, {}, files)
 
 
 def test_ingest_reads_all_three_formats_into_one_table(pipeline, small_corpus):
@@ -100,31 +86,6 @@ def test_filter_counts_removals_per_rule_and_keeps_removed_docs(pipeline):
         if s["removed"][r]
     )
     assert any(d.metadata["language"] in ("de", "fr", "es") for d in removed)
-
-
-def test_dedup_removes_exact_and_near_copies_keeping_the_first(tmp_path):
-    base = (
-        "The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden fence "
-        "and thinks about the harvest that will come when the summer rains finally arrive in the valley."
-    )
-    near = base.replace("valley.", "valley today.")
-    unrelated = " ".join(f"word{i} other{i * 7}" for i in range(40))
-    rows = [("a", base), ("b", unrelated), ("c", near), ("d", base.upper()), ("e", near)]
-    src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
-    cfg = load_config("tiny", {"storage.root": str(tmp_path / "out"), "ingest.inputs": [str(src)]})
-    ingest_without_filtering(cfg)
-    s = dedup.run(cfg, log=lambda _: None)
-    kept = [d.id for d in docs_in(tmp_path / "out" / "dedup")]
-    assert kept == ["a", "b"]
-    assert s["removed"] == {"exact": 2, "near": 1}  # d (case-folded copy of a) and e exact; c near
-    assert s["cluster_size_histogram"] == {"2": 1}
-    assert s["lsh"] == {
-        "bands": 14,
-        "rows": 8,
-        "implied_threshold": 0.719,
-        "verified": False,
-    }  # FineWeb's banding by default
 
 
 def test_tokenizer_round_trips_and_has_eos(pipeline):
@@ -403,3 +364,82 @@ def test_tokenize_drops_training_docs_sharing_13_grams_with_evaluation_texts(sma
     assert s["removed"] == {"decontaminated": 2}
     index = json.loads((tmp_path / "out" / "tokens" / "train" / "index.json").read_text())
     assert sum(c["chunk_size"] for c in index["chunks"]) == len(train) - 2
+
+
+def test_quality_classifier_is_trained_evaluated_and_applied(small_corpus, tmp_path):
+    rows = pq.read_table(REPO / "data" / "sample" / "reference.parquet").to_pylist()
+    reference = [r for r in rows if json.loads(r["metadata"]).get("kind") == "rest-source"]
+    positive = tmp_path / "reference.jsonl"
+    positive.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in reference))
+    overrides = {
+        "storage.root": str(tmp_path / "out"),
+        "ingest.inputs": [str(small_corpus["jsonl"]), str(small_corpus["warc"])],
+        "filter.quality.enabled": True,
+        "filter.quality.positive": [str(positive)],
+        "filter.quality.max_examples": 300,
+        # the classifier is what is tested: the heuristic rules (the slow part) are off
+        **{
+            f"filter.{rule}.enabled": False
+            for rule in ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality", "c4_badwords")
+        },  # fmt: skip
+    }
+    cfg = load_config("tiny", overrides)
+    ingest.run(cfg, log=lambda _: None)
+    s = filter.run(cfg, log=lambda _: None)
+    q = s["quality_classifier"]
+    assert q["examples"]["positive"] == len(reference) and q["examples"]["negative"] == 300  # capped: max_examples
+    assert q["held_out_precision"] >= 0.9 and q["held_out_recall"] >= 0.9
+    assert list(s["removed"])[-1] == "quality" and s["removed"]["quality"] > 0
+    assert (tmp_path / "out" / "filter" / q["model"]).is_file()
+
+    # Python's documentation (pages and reST sources, like the reference corpus) survives the classifier
+    def python_share(docs) -> float:
+        python = ["docs.python.org" in (d.url or "") or d.metadata.get("kind") == "rest-source" for d in docs]
+        return sum(python) / len(docs)
+
+    pool, kept = docs_in(tmp_path / "out" / "ingest"), docs_in(tmp_path / "out" / "filter")
+    assert python_share(kept) >= 0.75 and python_share(kept) >= 3 * python_share(pool)
+
+    top = load_config("tiny", {**overrides, "filter.quality.keep_top_fraction": 0.2})  # same ingest, new filter
+    assert filter.run(top, log=lambda _: None)["quality_classifier"]["threshold"] != q["threshold"]
+
+
+def test_reusing_word_tokenizer_gives_datatrove_tokens(small_corpus):
+    from datatrove.utils import word_tokenizers
+    from datatrove.utils.word_tokenizers import SpaCyTokenizer
+
+    from stages import word_tokens
+
+    records = ingest.read_records(str(small_corpus["jsonl"]), load_config("tiny"), Counter())
+    texts = [r.doc.text for r in records if r.doc]
+    texts += ["", "  \n ", "IS_ALPHA breaks spaCy", "Dr. Smith's e-mail: a@b.co! Next line.\n東京 🚀 ok."]
+    word_tokens.install()
+    word_tokens.install()  # idempotent
+    ours = word_tokenizers.load_word_tokenizer("en")
+    reference = SpaCyTokenizer("en")
+    assert type(ours) is not SpaCyTokenizer and word_tokenizers.load_word_tokenizer("en") is ours
+    for method in ("word_tokenize", "sent_tokenize", "span_tokenize"):
+        for text in texts + texts[:5]:  # the repeats come from the remembered results
+            assert getattr(ours, method)(text) == getattr(reference, method)(text), (method, text[:80])
+
+
+def upper_unless_hang(text: str) -> str:
+    if text == "hang":
+        time.sleep(30)
+    return text.upper()
+
+
+def extract_with_a_timeout_between(_) -> list[str]:
+    with ingest.RestartableSandbox(2.0) as sandbox:
+        out = [sandbox.process_document("a", upper_unless_hang)]
+        try:
+            sandbox.process_document("hang", upper_unless_hang)
+        except TimeoutError:
+            out.append("timeout")
+        out.append(sandbox.process_document("b", upper_unless_hang))  # a new child: a restart
+    return out
+
+
+def test_extraction_sandbox_restarts_after_a_timeout_inside_worker_processes():
+    # our workers start with forkserver, where datatrove's own sandbox fails to restart ('cannot pickle weakref')
+    assert map_in_processes(extract_with_a_timeout_between, [0, 1], workers=2) == [["A", "timeout", "B"]] * 2

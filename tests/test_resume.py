@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from stages import filter, ingest
+from stages import dedup, filter, ingest
 from stages.config import load_config
 from stages.stage import PROGRESS
 from stages.storage import MANIFEST
@@ -20,12 +20,13 @@ from tests.conftest import REPO
 
 RUN_STAGE = """
 import sys
-from stages import filter, ingest
+from stages import dedup, filter, ingest
 from stages.config import PipelineConfig
 cfg = PipelineConfig.model_validate_json(open(sys.argv[1]).read())
-{"ingest": ingest, "filter": filter}[sys.argv[2]].run(cfg, log=lambda _: None)
+{"ingest": ingest, "filter": filter, "dedup": dedup}[sys.argv[2]].run(cfg, log=lambda _: None)
 """
-STAGES = {"ingest": ingest, "filter": filter}
+STAGES = {"ingest": ingest, "filter": filter, "dedup": dedup}
+UPSTREAM = {"ingest": [], "filter": ["ingest"], "dedup": ["ingest", "filter"]}
 
 
 def config(small_corpus, root):
@@ -37,6 +38,8 @@ def config(small_corpus, root):
             "ingest.docs_per_shard": 100,
             "ingest.workers": 1,
             "filter.workers": 1,
+            "dedup.workers": 1,
+            "dedup.verify": True,
         },
     )
 
@@ -54,13 +57,21 @@ def markers(root, stage: str) -> int:
 
 @pytest.mark.parametrize(
     "stage, after_units, then_wait",
-    [("ingest", 1, 0.0), ("ingest", 1, 0.4), ("filter", 1, 0.0), ("filter", 3, 0.2)],
+    [
+        ("ingest", 1, 0.0),
+        ("ingest", 1, 0.4),
+        ("filter", 1, 0.0),
+        ("filter", 3, 0.2),
+        ("dedup", 1, 0.0),  # among the signature units
+        ("dedup", 6, 0.0),  # among the bucket units
+        ("dedup", 18, 0.0),  # verification or writing
+    ],
 )
 def test_sigkilled_stage_resumes_to_identical_output(reference, small_corpus, tmp_path, stage, after_units, then_wait):
     ref_root, ref_stats = reference
     cfg = config(small_corpus, tmp_path)
-    if stage == "filter":
-        shutil.copytree(ref_root / "ingest", tmp_path / "ingest")
+    for upstream in UPSTREAM[stage]:
+        shutil.copytree(ref_root / upstream, tmp_path / upstream)
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.to_json())
     proc = subprocess.Popen([sys.executable, "-c", RUN_STAGE, str(cfg_file), stage], cwd=REPO)

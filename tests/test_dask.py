@@ -1,0 +1,73 @@
+"""The data stages on an existing Dask cluster (a LocalCluster of 2 worker processes): the same output as local
+processes, with the units run by the cluster's workers; and the flow's tasks submitted there by prefect-dask."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages import dedup, filter, ingest
+from stages.config import load_config
+from stages.storage import MANIFEST
+
+STAGES = (ingest, filter, dedup)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        yield local
+
+
+def config(small_corpus, root, **overrides):
+    return load_config(
+        "tiny",
+        {
+            "storage.root": str(root),
+            "ingest.inputs": [str(small_corpus["jsonl"])],
+            "ingest.docs_per_shard": 100,
+            "dedup.workers": 2,
+            **overrides,
+        },
+    )
+
+
+def units_run_by(cluster) -> set[str]:
+    """Names of the functions the cluster's scheduler has run tasks of."""
+    return set(cluster.scheduler.task_prefixes)
+
+
+def test_data_stages_on_dask_match_local_processes(small_corpus, cluster, tmp_path):
+    local = config(small_corpus, tmp_path / "local")
+    remote = config(small_corpus, tmp_path / "dask", **{"cluster.dask_address": cluster.scheduler_address})
+    for stage in STAGES:
+        stage.run(local, log=lambda _: None)
+        stage.run(remote, log=lambda _: None)
+        name = stage.output(local).stage
+        manifests = [json.loads((tmp_path / r / name / MANIFEST).read_text()) for r in ("local", "dask")]
+        assert manifests[0]["files"] == manifests[1]["files"] and manifests[0]["counts"] == manifests[1]["counts"]
+        assert manifests[0]["identity"] == manifests[1]["identity"]  # where it ran is not part of what it is
+    assert "run_unit" in units_run_by(cluster)  # the units ran on the cluster
+
+
+def test_flow_submits_data_stages_to_the_cluster_with_prefect_dask(small_corpus, cluster, tmp_path):
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pretrain import ingest_task, on_cluster_if_configured
+
+    cfg = config(small_corpus, tmp_path, **{"cluster.dask_address": cluster.scheduler_address})
+
+    @flow
+    def ingest_on_cluster():
+        return on_cluster_if_configured(ingest_task, cfg)
+
+    before = set(units_run_by(cluster))
+    with prefect_test_harness(server_startup_timeout=60):
+        stats = ingest_on_cluster()
+    assert stats["docs_out"] > 0 and (tmp_path / "ingest" / MANIFEST).is_file()
+    ran = units_run_by(cluster) - before
+    assert "run_stage_task" in ran, ran  # the Prefect task itself ran on a Dask worker (flows/pretrain.py)
