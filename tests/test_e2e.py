@@ -96,7 +96,12 @@ def test_pretrain_full_local(stack, tmp_path):
 
 def test_pretrain_full_s3(stack):
     prefix = f"e2e-{uuid.uuid4().hex[:8]}"
-    overrides = {"storage.root": f"s3://pretrain-tiny/{prefix}", "storage.endpoint_url": stack["s3"]}
+    # the storage is what this run adds to the local one: the sample's JSONL part is enough input for it
+    overrides = {
+        "storage.root": f"s3://pretrain-tiny/{prefix}",
+        "storage.endpoint_url": stack["s3"],
+        "ingest.inputs": [str(REPO / "data" / "sample" / "docs.jsonl.gz")],
+    }
     flow_run = run_deployment(stack, {"preset": "tiny-s3", "overrides": overrides})
     assert_run_completed(stack, flow_run)
     import boto3
