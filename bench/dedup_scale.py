@@ -100,13 +100,14 @@ def sentences() -> list[str]:
     return sorted(found)
 
 
-def build_corpus(n: int, root: Path, seed: int = 0) -> None:
-    """`n` documents (90% drawn, 10% planted near-copies of drawn ones) as a committed filter output."""
+def build_corpus(n: int, root: Path, seed: int = 0, stage=filter) -> None:
+    """`n` documents (90% drawn, 10% planted near-copies of drawn ones) as a stage's committed output (by
+    default the filter stage's, which dedup reads)."""
     rng = random.Random(seed)
     pool = sentences()
     originals = int(n / 1.1)
     cfg = load_config("tiny", {"storage.root": str(root)})
-    out = filter.output(cfg)
+    out = stage.output(cfg)
     drawn: list[str] = []
     with ShardWriter(out.uri, "part", DOCS_PER_SHARD) as writer:
         for i in range(n):

@@ -18,7 +18,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -27,16 +27,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "config"
 
 
-# Fields that change how a stage runs, never what it outputs: left out of a stage's identity.
-RUNTIME_ONLY = ("workers", "bucket_records", "redis_url")
-
-
 class ConfigError(ValueError):
     """A configuration problem, named by file and field, raised before any work starts."""
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Fields that change how a stage runs, never what it outputs: left out of the stage's identity, so changing
+    # them does not rebuild anything (tests check that the output is indeed the same).
+    runtime_only: ClassVar[tuple[str, ...]] = ()
 
 
 class StorageConfig(Strict):
@@ -56,6 +55,7 @@ class IngestConfig(Strict):
     min_text_chars: int = Field(1, ge=1)  # fewer non-blank characters: quarantined as empty_text
     max_doc_bytes: int = Field(10_000_000, gt=0)  # larger documents: quarantined as too_large
     workers: int = Field(1, ge=1)  # processes; one input file each at a time
+    runtime_only = ("workers",)
 
 
 class Rule(Strict):
@@ -173,6 +173,7 @@ class FilterConfig(Strict):
     language_threshold: float = Field(0.65, ge=0.0, le=1.0)
     lid_model_path: str = "models/lid.176.ftz"
     workers: int = Field(1, ge=1)  # processes; one ingest shard each at a time
+    runtime_only = ("workers",)
     removed_sample_per_rule: int = Field(50, ge=0)  # removed documents kept per rule and shard, for inspection
     url: UrlFilterConfig = UrlFilterConfig()
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
@@ -203,19 +204,32 @@ class DedupConfig(Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     bucket_records: int = Field(8_000_000, gt=0)  # per bucket unit (16 bytes each): its memory bound
     workers: int = Field(1, ge=1)  # processes
+    runtime_only = ("workers", "bucket_records", "redis_url")
 
 
 class TokenizerConfig(Strict):
-    # Either train a byte-level BPE on the deduplicated text, or load `path` (a tokenizer.json).
+    # Either train a byte-level BPE on the deduplicated text, or load `path`: a tokenizer.json file, or a Hugging
+    # Face tokenizer directory (anything transformers' AutoTokenizer loads offline as a fast tokenizer).
     path: str | None = None
     vocab_size: int = Field(4096, ge=300)
-    max_train_chars: int = Field(200_000_000, gt=0)  # a bounded sample: training cost must not grow with the corpus
-    eos_token: str = "<|endoftext|>"
+    # The trainer reads at most this many characters, spread evenly over the shards: its cost does not grow with
+    # the corpus, and every part of the corpus is seen.
+    max_train_chars: int = Field(200_000_000, gt=0)
+    eos_token: str = "<|endoftext|>"  # written after every document by the tokenize stage
+    special_tokens: list[str] = []  # more special tokens for a trained tokenizer (e.g. "<|pad|>"), after EOS
+
+    @model_validator(mode="after")
+    def _distinct_specials(self) -> "TokenizerConfig":
+        if self.eos_token in self.special_tokens or len(set(self.special_tokens)) < len(self.special_tokens):
+            raise ValueError("special_tokens repeat each other or eos_token")
+        return self
 
 
 class TokenizeConfig(Strict):
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
     chunk_bytes: str = "16MB"
+    # litdata's optimize processes, each writing its own chunk files: the count decides where chunks are cut, so
+    # unlike the other stages' `workers` it is part of the output's identity (same config, same bytes).
     workers: int = Field(1, ge=1)
 
 
@@ -295,10 +309,9 @@ class PipelineConfig(Strict):
     def section_digest(self, *sections: str) -> str:
         """Digest of the named sections: a stage's identity includes only the config it reads."""
         data = self.model_dump(mode="json", include=set(sections))
-        for section in data.values():
-            if isinstance(section, dict):
-                for key in RUNTIME_ONLY:  # how many processes or how the work is cut changes the speed only
-                    section.pop(key, None)
+        for name, section in data.items():
+            for key in getattr(type(getattr(self, name)), "runtime_only", ()):
+                section.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:

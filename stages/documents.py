@@ -60,6 +60,14 @@ def read_docs(uri: str, cfg: StorageConfig | None = None) -> Iterator[Doc]:
                 yield Doc(row["id"], row["text"], row["source"], row["url"], json.loads(row["metadata"] or "{}"))
 
 
+def read_texts(uri: str, cfg: StorageConfig | None = None) -> Iterator[tuple[str, str]]:
+    """Stream (id, text) of one shard's documents: the two columns only, for stages that need nothing else."""
+    with storage.open_uri(uri, "rb", cfg) as f:
+        parquet = pq.ParquetFile(f)
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=["id", "text"]):
+            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+
+
 def count_docs(uri: str, cfg: StorageConfig | None = None) -> int:
     with storage.open_uri(uri, "rb", cfg) as f:
         return pq.ParquetFile(f).metadata.num_rows

@@ -14,30 +14,13 @@ from stages.config import ConfigError, PipelineConfig
 
 
 def _check_storage_root(cfg: PipelineConfig) -> None:
-    root = cfg.storage.root
-    if not storage.is_remote(root):
+    if not storage.is_remote(cfg.storage.root):
         return
-    import boto3
-    import botocore.config
-    import botocore.exceptions
-
-    bucket = root.split("://", 1)[1].split("/", 1)[0]
-    quick = botocore.config.Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 1})
-    opts = storage.litdata_storage_options(cfg.storage)
-    client = boto3.client("s3", config=quick, **opts)
-    endpoint = storage.effective_endpoint(cfg.storage) or "AWS default"
     try:
-        client.head_bucket(Bucket=bucket)
-    except botocore.exceptions.EndpointConnectionError as exc:
-        raise ConfigError(f"storage.endpoint_url: cannot reach {endpoint}: {exc}") from None
-    except botocore.exceptions.NoCredentialsError:
-        raise ConfigError("storage: no S3 credentials (set storage.access_key_id/secret_access_key or AWS_*)") from None
-    except botocore.exceptions.ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "?")
-        what = {"404": "does not exist", "403": "is not accessible with these credentials"}.get(
-            code, f"failed ({code})"
-        )
-        raise ConfigError(f"storage.root: bucket {bucket!r} at {endpoint} {what}") from None
+        storage.probe_s3(cfg.storage.root, cfg.storage)
+    except storage.StorageError as exc:
+        field = {"endpoint": "storage.endpoint_url", "credentials": "storage.access_key_id", "missing": "storage.root"}
+        raise ConfigError(f"{field[exc.kind]}: {exc}") from None
 
 
 def preflight(cfg: PipelineConfig) -> None:

@@ -219,6 +219,48 @@ class StageOutput:
         return manifest
 
 
+class StorageError(RuntimeError):
+    """Storage that cannot be used, saying which: `kind` is endpoint (unreachable), credentials (missing or
+    rejected) or missing (no such bucket or object)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def probe_s3(uri: str, cfg: StorageConfig | None, key: str | None = None, seconds: float = 10.0) -> None:
+    """Check in seconds that the S3 endpoint answers, accepts the credentials and holds `uri`'s bucket (and
+    `key` under `uri`, if given). One attempt with short timeouts: a wrong endpoint would otherwise cost the
+    minutes that botocore's and litdata's retries take."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    bucket, _, prefix = uri.split("://", 1)[1].partition("/")
+    quick = botocore.config.Config(connect_timeout=seconds / 2, read_timeout=seconds, retries={"max_attempts": 1})
+    client = boto3.client("s3", config=quick, **litdata_storage_options(cfg))
+    endpoint = effective_endpoint(cfg) or "the AWS default endpoint"
+    try:
+        if key is None:
+            client.head_bucket(Bucket=bucket)
+        else:
+            client.head_object(Bucket=bucket, Key="/".join(p for p in (prefix.strip("/"), key) if p))
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
+        raise StorageError("endpoint", f"cannot reach the S3 endpoint {endpoint}: {exc}") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise StorageError(
+            "credentials", "no S3 credentials (storage.access_key_id/secret_access_key or AWS_*)"
+        ) from None
+    except botocore.exceptions.ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", "?"))
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
+            raise StorageError("credentials", f"{endpoint} rejected the credentials for {uri} ({code})") from None
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+            what = f"bucket {bucket!r}" if key is None else f"{join(uri, key)}"
+            raise StorageError("missing", f"{what} does not exist at {endpoint}") from None
+        raise StorageError("endpoint", f"{endpoint}: {uri}: S3 error {code}") from None
+
+
 def effective_endpoint(cfg: StorageConfig | None) -> str | None:
     return (
         (cfg.endpoint_url if cfg else None)

@@ -24,13 +24,14 @@ from stages import decontaminate, storage
 from stages.config import PipelineConfig, StorageConfig
 from stages.decontaminate import is_contaminated
 from stages.dedup import output as dedup_output
-from stages.documents import read_docs
+from stages.documents import read_texts
 from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
 from stages.storage import StageOutput
 from stages.tokenizer import FILENAME as TOKENIZER_FILE
 from stages.tokenizer import output as tokenizer_output
 
 SPLITS = ("train", "val")
+ENCODE_BATCH = 256  # documents per encode_batch call and per litdata item
 VAL_DOCS = "val_docs.jsonl"
 
 
@@ -46,37 +47,75 @@ def encode_shard(
     eos_id: int,
     val_fraction: float,
     storage_cfg: StorageConfig | None,
+    counts_dir: str,
     banned: frozenset[int] = frozenset(),
 ):
-    """litdata worker function: yields one int32 tensor (a document's ids + EOS) per document of the split,
-    leaving out documents that share a 13-gram with an evaluation text (`banned`).
+    """litdata worker function: the shard's documents of the split as token ids with an EOS after each, one
+    int32 tensor per batch of documents, leaving out those that share a 13-gram with an evaluation text
+    (`banned`); then the number of documents it kept, in `counts_dir`.
 
-    It takes the shard's index, not its URI: litdata treats string inputs that look like remote paths as files to
-    download itself, through its own client, bypassing our storage settings.
+    One tensor per batch, not per document: TokensLoader reads every chunk as one stream of tokens, so where
+    items begin does not matter to it, while litdata's per-item cost would be paid 256 times more. It takes the
+    shard's index, not its URI: litdata treats string inputs that look like remote paths as files to download
+    itself, through its own client, bypassing our storage settings.
     """
+    import numpy as np
     import torch
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(tokenizer_path)
     batch: list[str] = []
+    kept = 0
 
     def flush():
-        for encoding in tokenizer.encode_batch_fast(batch):
-            yield torch.tensor([*encoding.ids, eos_id], dtype=torch.int32)
+        encodings = tokenizer.encode_batch_fast(batch)
+        ids = np.empty(sum(len(e.ids) + 1 for e in encodings), dtype=np.int32)
+        position = 0
+        for encoding in encodings:
+            ids[position : position + len(encoding.ids)] = encoding.ids
+            position += len(encoding.ids)
+            ids[position] = eos_id
+            position += 1
+        return torch.from_numpy(ids)
 
-    for doc in read_docs(shard_uris[index], storage_cfg):
-        if split_of(doc.id, val_fraction) != split or is_contaminated(doc.text, banned):
+    if split == "val":  # pass 1 wrote the held-out documents apart: read them, not every shard again
+        documents = ((d["id"], d["text"]) for d in _read_jsonl(shard_uris[index], storage_cfg))
+    else:
+        documents = read_texts(shard_uris[index], storage_cfg)
+    for doc_id, text in documents:
+        if split_of(doc_id, val_fraction) != split or is_contaminated(text, banned):
             continue
-        batch.append(doc.text)
-        if len(batch) >= 256:
-            yield from flush()
+        batch.append(text)
+        kept += 1
+        if len(batch) >= ENCODE_BATCH:
+            yield flush()
             batch = []
     if batch:
-        yield from flush()
+        yield flush()
+    Path(counts_dir, f"{split}-{index}.json").write_text(json.dumps({"docs": kept}))
+
+
+def _read_jsonl(uri: str, cfg: StorageConfig | None):
+    with storage.open_uri(uri, "rb", cfg) as f:
+        for line in f:
+            yield json.loads(line)
 
 
 def output(cfg: PipelineConfig) -> StageOutput:
     return StageOutput("tokenize", storage.join(cfg.storage.root, "tokens"), cfg.storage)
+
+
+def pin_index(uri: str, cfg: StorageConfig | None) -> dict:
+    """Replace the wall-clock `updated_at` litdata writes into index.json by a digest of the rest of the index.
+
+    litdata keys its local chunk cache by that value (a new one drops the cached chunks), so a content digest
+    keeps that working while making the same shards give the same index, byte for byte.
+    """
+    index = storage.read_json(uri, cfg)
+    index["updated_at"] = storage.digest_of({k: v for k, v in index.items() if k != "updated_at"})
+    with storage.atomic_write(uri, cfg, "w") as f:
+        f.write(json.dumps(index, sort_keys=True))
+    return index
 
 
 def token_count(index: dict) -> int:
@@ -103,23 +142,30 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
 
     def build() -> StageResult:
         options = storage.prepare_litdata(cfg.storage)
-        eos_id = tok_out.manifest()["counts"]["eos_id"]
+        tok_manifest = tok_out.manifest()
+        eos_id = tok_manifest["counts"]["eos_id"]
         shard_uris = [storage.join(upstream.uri, s) for s in shards]
-        counts: dict = {"docs_in": 0, "tokens": {}, "docs": {"train": 0, "val": 0}}
+        counts: dict = {
+            "docs_in": 0,
+            "tokens": {},
+            "docs": {"train": 0, "val": 0},
+            "tokenizer_sha256": tok_manifest["files"][TOKENIZER_FILE]["sha256"],
+            "dataset": upstream_digest(upstream),  # the deduplicated dataset these tokens come from
+        }
         # Pass 1: the held-out documents (written for the evaluate stage) and the evaluation 13-grams.
         banned: set[int] = set()
         for text in decontaminate.texts_from_files(ec.decontaminate_with, cfg.storage):
             banned |= decontaminate.ngram_hashes(text)
         with storage.atomic_write(out.path(VAL_DOCS), cfg.storage, "w") as f:
             for uri in shard_uris:
-                for doc in read_docs(uri, cfg.storage):
+                for doc_id, text in read_texts(uri, cfg.storage):
                     counts["docs_in"] += 1
-                    split = split_of(doc.id, tc.val_fraction)
+                    split = split_of(doc_id, tc.val_fraction)
                     counts["docs"][split] += 1
                     if split == "val":
-                        f.write(json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
+                        f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
                         if decontamination["heldout"]:
-                            banned |= decontaminate.ngram_hashes(doc.text)
+                            banned |= decontaminate.ngram_hashes(text)
         files: list[str] = [VAL_DOCS]
         # Pass 2: token shards per split, through litdata.
         with tempfile.TemporaryDirectory() as tmp:
@@ -128,18 +174,20 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
                 Path(tokenizer_path).write_bytes(f.read())
             for split in SPLITS:
                 split_uri = out.path(split)
+                sources = shard_uris if split == "train" else [out.path(VAL_DOCS)]
                 optimize(
                     fn=partial(
                         encode_shard,
-                        shard_uris=shard_uris,
+                        shard_uris=sources,
                         split=split,
                         tokenizer_path=tokenizer_path,
                         eos_id=eos_id,
                         val_fraction=tc.val_fraction,
                         storage_cfg=cfg.storage,
+                        counts_dir=tmp,
                         banned=frozenset(banned) if split == "train" else frozenset(),
                     ),
-                    inputs=list(range(len(shard_uris))),
+                    inputs=list(range(len(sources))),
                     output_dir=split_uri if storage.is_remote(split_uri) else str(Path(split_uri)),
                     chunk_bytes=tc.chunk_bytes,
                     item_loader=TokensLoader(),
@@ -152,12 +200,11 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
                     storage_options=options,
                     verbose=False,
                 )
-                index = storage.read_json(storage.join(split_uri, "index.json"), cfg.storage)
+                index = pin_index(storage.join(split_uri, "index.json"), cfg.storage)
                 counts["tokens"][split] = token_count(index)
                 if split == "train":
-                    counts["removed"] = {
-                        "decontaminated": counts["docs"]["train"] - sum(c["chunk_size"] for c in index["chunks"])
-                    }
+                    written = sum(json.loads(p.read_text())["docs"] for p in Path(tmp).glob("train-*.json"))
+                    counts["removed"] = {"decontaminated": counts["docs"]["train"] - written}
                 files += [f"{split}/index.json"] + [f"{split}/{c['filename']}" for c in index["chunks"]]
                 log(f"tokenize: {split}: {counts['tokens'][split]} tokens in {len(index['chunks'])} chunks")
         log(f"tokenize: {counts['removed']['decontaminated']} training documents share a 13-gram with evaluation texts")

@@ -1,17 +1,29 @@
 """Tokenizer: train a byte-level BPE on the deduplicated text with Hugging Face `tokenizers`, or load one.
 
-Byte-level BPE (GPT-2's scheme) never meets an unknown character: any Unicode text round-trips exactly. The
-trainer sees a bounded sample (`tokenizer.max_train_chars`, taken in corpus order) so its cost stays flat as
-the corpus grows. The result is `tokenizer/tokenizer.json` under the storage root, committed with a manifest
-whose digest is the tokenizer's identity for every later stage.
+Byte-level BPE (GPT-2's scheme) never meets an unknown character: any Unicode text round-trips exactly
+(tests/test_tokenizer.py checks it with generated text: CJK, emoji, combining marks, control characters).
+
+Training reads a bounded sample, `tokenizer.max_train_chars` characters spread evenly over the deduplicated
+shards (each shard gives its share, documents in order), so its cost stays flat as the corpus grows and no
+part of the corpus is left out, as a prefix of the first shards would be. Special tokens are the EOS token
+the tokenize stage puts after every document, then `tokenizer.special_tokens`.
+
+Loading takes a tokenizer.json, or a Hugging Face tokenizer directory through transformers' AutoTokenizer
+(offline; its fast tokenizer's `tokenizers` object is what is kept), so an existing model's tokenizer can be
+reused for continued pretraining.
+
+The result is `tokenizer/tokenizer.json` under the storage root; its sha256 is the tokenizer's hash, recorded
+in this stage's counts and carried into the tokenize stage's manifest and the checkpoints' lineage.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 from stages import storage
-from stages.config import PipelineConfig
+from stages.config import PipelineConfig, TokenizerConfig
 from stages.dedup import output as dedup_output
 from stages.documents import read_docs
 from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
@@ -20,7 +32,7 @@ from stages.storage import StageOutput
 FILENAME = "tokenizer.json"
 
 
-def train_bpe(texts: Iterator[str], vocab_size: int, eos_token: str):
+def train_bpe(texts: Iterator[str], vocab_size: int, special_tokens: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -28,12 +40,49 @@ def train_bpe(texts: Iterator[str], vocab_size: int, eos_token: str):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[eos_token],
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
+
+
+def load_given(path: str):
+    """A `tokenizers.Tokenizer` from a tokenizer.json or a Hugging Face tokenizer directory."""
+    from tokenizers import Tokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return Tokenizer.from_file(path)
+    if (folder / FILENAME).is_file():
+        return Tokenizer.from_file(str(folder / FILENAME))
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not loaded.is_fast:
+        raise ValueError(f"tokenizer.path: {path} has no fast (Rust) tokenizer, which the tokenize stage needs")
+    return loaded.backend_tokenizer
+
+
+def fingerprint_given(path: str) -> dict:
+    """What identifies a given tokenizer: its file, or every file of its directory."""
+    folder = Path(path)
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else [folder]
+    return {"path": path, "files": [storage.raw_fingerprint(str(f)) for f in files]}
+
+
+def sample_texts(cfg: PipelineConfig, shard_uris: list[str]) -> Iterator[str]:
+    """Up to `max_train_chars` characters, an equal share from each shard, documents in order."""
+    share = cfg.tokenizer.max_train_chars // max(1, len(shard_uris))
+    for uri in shard_uris:
+        budget = share
+        for doc in read_docs(uri, cfg.storage):
+            if budget <= 0:
+                break
+            text = doc.text[:budget]
+            budget -= len(text)
+            yield text
 
 
 def output(cfg: PipelineConfig) -> StageOutput:
@@ -48,47 +97,44 @@ def load(cfg: PipelineConfig):
         return Tokenizer.from_str(f.read().decode("utf-8"))
 
 
+def check_special_tokens(tokenizer, tc: TokenizerConfig) -> None:
+    for field, token in [("eos_token", tc.eos_token)] + [("special_tokens", t) for t in tc.special_tokens]:
+        if tokenizer.token_to_id(token) is None:
+            raise ValueError(f"tokenizer.{field}: {token!r} is not in the tokenizer's vocabulary")
+
+
 def run(cfg: PipelineConfig, log: Log = print) -> dict:
     tc = cfg.tokenizer
     out = output(cfg)
     upstream = dedup_output(cfg)
-    if tc.path:
-        source = {"path": tc.path, "fingerprint": storage.raw_fingerprint(tc.path)}
-    else:
-        source = {"trained_on": upstream_digest(upstream)}
+    source = fingerprint_given(tc.path) if tc.path else {"trained_on": upstream_digest(upstream)}
     identity = stage_identity(__name__, cfg, "tokenizer", source)
 
-    def sample() -> Iterator[str]:
-        budget = tc.max_train_chars
-        for shard in committed_shards(upstream):
-            for doc in read_docs(storage.join(upstream.uri, shard), cfg.storage):
-                if budget <= 0:
-                    return
-                yield doc.text[:budget]
-                budget -= len(doc.text)
-
     def build() -> StageResult:
-        from tokenizers import Tokenizer
-
+        chars = 0
         if tc.path:
-            tokenizer = Tokenizer.from_file(tc.path)
+            tokenizer = load_given(tc.path)
             log(f"tokenizer: loaded {tc.path}")
         else:
-            chars = 0
+            shard_uris = [upstream.path(s) for s in committed_shards(upstream)]
 
             def counted() -> Iterator[str]:
                 nonlocal chars
-                for text in sample():
+                for text in sample_texts(cfg, shard_uris):
                     chars += len(text)
                     yield text
 
-            tokenizer = train_bpe(counted(), tc.vocab_size, tc.eos_token)
-            log(f"tokenizer: trained byte-level BPE, vocab {tokenizer.get_vocab_size()}, on {chars} characters")
-        if tokenizer.token_to_id(tc.eos_token) is None:
-            raise ValueError(f"tokenizer.eos_token: {tc.eos_token!r} is not in the tokenizer's vocabulary")
-        with storage.atomic_write(out.path(FILENAME), cfg.storage, "w") as f:
-            f.write(tokenizer.to_str())
-        counts = {"vocab_size": tokenizer.get_vocab_size(), "eos_id": tokenizer.token_to_id(tc.eos_token)}
-        return StageResult([FILENAME], counts, {"trained": not tc.path, "train_chars": 0 if tc.path else chars})
+            tokenizer = train_bpe(counted(), tc.vocab_size, [tc.eos_token, *tc.special_tokens])
+            log(f"tokenizer: trained byte-level BPE, vocab {tokenizer.get_vocab_size()}, on {chars:,} characters")
+        check_special_tokens(tokenizer, tc)
+        data = tokenizer.to_str().encode("utf-8")
+        with storage.atomic_write(out.path(FILENAME), cfg.storage) as f:
+            f.write(data)
+        counts = {
+            "vocab_size": tokenizer.get_vocab_size(),
+            "eos_id": tokenizer.token_to_id(tc.eos_token),
+            "tokenizer_sha256": hashlib.sha256(data).hexdigest(),
+        }
+        return StageResult([FILENAME], counts, {"trained": not tc.path, "train_chars": chars})
 
     return run_stage(out, identity, build, log)

@@ -4,17 +4,14 @@ One file, torchtitan's shape at nanoGPT's size:
 - process group: NCCL on CUDA, gloo on CPU (`train.device`: auto | cpu | cuda); a 1-D device mesh;
 - model: `stages.model.Transformer` built with a fixed seed on every rank, then FSDP2 `fully_shard` on each
   block and on the root (bf16 parameters with fp32 gradient reduction on CUDA, fp32 on CPU);
-- data: litdata `StreamingDataset` over `{root}/tokens/train` in blocks of seq_len + 1 tokens, split per rank by
-  litdata, reshuffled every epoch; epochs repeat until `max_steps`;
+- data: stages/loader.py, litdata's StreamingDataLoader over `{root}/tokens/train` in blocks of seq_len + 1
+  tokens, split per rank by litdata, reshuffled every epoch; epochs repeat until `max_steps`;
 - AdamW (weight decay on matrices only), linear warmup then cosine decay to `min_lr`, gradient clipping;
 - checkpoints with torch.distributed.checkpoint (DCP) to `{root}/checkpoints/step-NNNNNN`: sharded model and
   optimizer, step counters and each rank's data-loader position. `meta.json` is written last by rank 0 and is
   the completion marker: a checkpoint folder without it is ignored (and overwritten), so a crash during a save
   never resumes from half a checkpoint. On start the latest complete checkpoint (not beyond max_steps) is
   loaded, so re-running the same command resumes where the last run stopped.
-- litdata's local chunk cache is `$PRETRAIN_CACHE_DIR/litdata/<split>-<digest of URI and index.json>` (default
-  root ~/.cache/pretrain-pipeline): fixed, because litdata's loader state records it, and keyed by content, so a
-  rebuilt dataset at the same URI never reads stale chunks;
 - observability: rank 0 prints `METRIC {json}` per step and `SUMMARY {json}` at the end (parsed by
   `stages.launch`) and keeps `{root}/checkpoints/metrics.jsonl`.
 """
@@ -22,7 +19,6 @@ One file, torchtitan's shape at nanoGPT's size:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -30,7 +26,6 @@ import pickle
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +38,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from stages import loader as loader_lib
 from stages import storage
 from stages.checkpoints import META, checkpoint_uri, checkpoints_uri, complete_checkpoints, dcp_reader, dcp_writer
 from stages.config import PipelineConfig
@@ -51,7 +47,6 @@ from stages.model import Transformer
 
 METRICS = "metrics.jsonl"
 VAL_BATCHES = 4  # validation batches per rank (of micro_batch_size sequences)
-CACHE_ENV = "PRETRAIN_CACHE_DIR"  # local root for litdata's chunk cache; default ~/.cache/pretrain-pipeline
 
 
 def log(msg: str) -> None:
@@ -149,81 +144,13 @@ def _local(x: torch.Tensor) -> torch.Tensor:
 # data
 
 
-def _cache_dir(input_uri: str, cfg: PipelineConfig, split: str) -> str:
-    """A fixed local cache folder per dataset content (litdata's loader state records it, so it must not vary).
-
-    Keyed by the URI and the dataset's index.json, so a rebuilt dataset at the same URI never reads stale chunks.
-    """
-    index = storage.join(input_uri, "index.json")
-    if not storage.exists(index, cfg.storage):
-        raise FileNotFoundError(f"{index}: no tokenized data here (run the tokenize stage first)")
-    with storage.open_uri(index, "rb", cfg.storage) as f:
-        content = f.read()
-    key = hashlib.sha256(input_uri.encode() + b"\0" + content).hexdigest()[:16]
-    root = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "pretrain-pipeline")
-    return os.path.join(root, "litdata", f"{split}-{key}")
-
-
-def make_dataset(cfg: PipelineConfig, split: str, shuffle: bool):
-    from litdata import StreamingDataset, TokensLoader
-
-    input_uri = storage.join(cfg.storage.root, "tokens", split)
-    cache_dir = _cache_dir(input_uri, cfg, split)
-    os.makedirs(cache_dir, exist_ok=True)
-    options = storage.prepare_litdata(cfg.storage)
-    return StreamingDataset(
-        input_dir=input_uri if storage.is_remote(input_uri) else storage.filesystem(input_uri)[1],
-        item_loader=TokensLoader(block_size=cfg.train.seq_len + 1),
-        shuffle=shuffle,
-        seed=cfg.train.seed,
-        storage_options=options if storage.is_remote(input_uri) else None,
-        cache_dir=cache_dir,
-    )
-
-
-class Batches:
-    """Endless full batches from a StreamingDataLoader: a new epoch (reshuffled by litdata) when one runs out.
-
-    Each rank draws its own batches; ranks need not agree on epoch boundaries since every step takes exactly one
-    batch per rank. An incomplete last batch is skipped so every step sees micro_batch_size sequences.
-    """
-
-    def __init__(self, loader, batch_size: int):
-        self.loader = loader
-        self.batch_size = batch_size
-        self._it = None
-
-    def next(self) -> torch.Tensor:
-        empty_epochs = 0
-        while True:
-            if self._it is None:
-                self._it = iter(self.loader)
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                self._it = None
-                empty_epochs += 1
-                log(f"data: epoch {self.loader.current_epoch} done, epoch {self.loader.current_epoch + 1} starts")
-                if empty_epochs > 1:
-                    raise RuntimeError(
-                        f"training data gives this rank no full batch of {self.batch_size} sequences per epoch: "
-                        "lower train.micro_batch_size / seq_len / nproc or tokenize more text"
-                    ) from None
-                continue
-            if batch.shape[0] == self.batch_size:
-                return batch
-            # an incomplete final batch: skip it (its samples count as consumed in the loader's state)
-
-
 def load_val_batches(cfg: PipelineConfig, device: torch.device) -> list[torch.Tensor]:
     """A few validation batches, identical in count on every rank (FSDP forwards are collectives)."""
-    from litdata import StreamingDataLoader
-
-    uri = storage.join(cfg.storage.root, "tokens", "val")
-    if not storage.exists(storage.join(uri, "index.json"), cfg.storage):
+    uri = loader_lib.dataset_uri(cfg, "val")
+    if not storage.exists(storage.join(uri, loader_lib.INDEX), cfg.storage):
         log(f"no validation data at {uri}: val_loss is not computed")
         return []
-    loader = StreamingDataLoader(make_dataset(cfg, "val", shuffle=False), batch_size=1, num_workers=0)
+    loader = loader_lib.make_loader(cfg, "val", batch_size=1, shuffle=False)
     items: list[torch.Tensor] = []
     want = VAL_BATCHES * cfg.train.micro_batch_size
     for item in loader:
@@ -381,8 +308,6 @@ def load_tokenizer_vocab(cfg: PipelineConfig) -> tuple[int, str]:
 
 
 def train(cfg: PipelineConfig) -> dict:
-    from litdata import StreamingDataLoader
-
     t = cfg.train
     device, mesh = setup_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -395,8 +320,8 @@ def train(cfg: PipelineConfig) -> dict:
     optimizer = build_optimizer(model, cfg, device)
     log(f"model: {n_params:,} parameters, vocab {vocab_size}")
 
-    loader = StreamingDataLoader(
-        make_dataset(cfg, "train", shuffle=True), batch_size=t.micro_batch_size, num_workers=t.loader_workers
+    loader = loader_lib.make_loader(
+        cfg, "train", batch_size=t.micro_batch_size, shuffle=True, num_workers=t.loader_workers
     )
     val_batches = load_val_batches(cfg, device)
 
@@ -417,7 +342,7 @@ def train(cfg: PipelineConfig) -> dict:
     tokens_digest = tokens_manifest_digest(cfg)
     digest = run_digest(cfg, tokens_digest)
     metrics = MetricsLog(cfg, start_step) if rank == 0 else None
-    batches = Batches(loader, t.micro_batch_size)
+    batches = loader_lib.Batches(loader, t.micro_batch_size, log)
     tokens_per_step = t.micro_batch_size * t.seq_len * world
 
     first_loss = final_loss = val_loss = None

@@ -61,10 +61,10 @@ def test_preflight_rejects_missing_inputs_before_work(tmp_path):
 
 def test_preflight_names_unreachable_endpoint_and_missing_bucket(s3_endpoint):
     dead = load_config("tiny-s3", {"storage.endpoint_url": "http://127.0.0.1:9"})
-    with pytest.raises(ConfigError, match="storage.endpoint_url: cannot reach http://127.0.0.1:9"):
+    with pytest.raises(ConfigError, match="storage.endpoint_url: cannot reach the S3 endpoint http://127.0.0.1:9"):
         preflight(dead)
     missing = load_config(
         "tiny-s3", {"storage.endpoint_url": s3_endpoint["endpoint"], "storage.root": "s3://no-such-bucket/x"}
     )
-    with pytest.raises(ConfigError, match="bucket 'no-such-bucket' .* does not exist"):
+    with pytest.raises(ConfigError, match="storage.root: bucket 'no-such-bucket' does not exist at http"):
         preflight(missing)

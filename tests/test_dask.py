@@ -11,7 +11,7 @@ from stages import dedup, filter, ingest
 from stages.config import load_config
 from stages.storage import MANIFEST
 
-STAGES = (ingest, filter, dedup)
+STAGES = (ingest, filter, dedup)  # filter with its cheap rules only: where units run is what is tested
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,10 @@ def config(small_corpus, root, **overrides):
             "ingest.docs_per_shard": 100,
             "dedup.workers": 2,
             # where the units run is what is tested: the slow heuristic rules are off
-            **{f"filter.{rule}.enabled": False for rule in ("gopher_repetition", "c4_quality", "fineweb_quality")},
+            **{
+                f"filter.{rule}.enabled": False
+                for rule in ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality", "c4_badwords")
+            },  # fmt: skip
             **overrides,
         },
     )

@@ -362,8 +362,11 @@ def test_tokenize_drops_training_docs_sharing_13_grams_with_evaluation_texts(sma
     s = tokenize.run(cfg, log=lambda _: None)
     assert s["docs"] == {"train": len(train), "val": len(val)}
     assert s["removed"] == {"decontaminated": 2}
-    index = json.loads((tmp_path / "out" / "tokens" / "train" / "index.json").read_text())
-    assert sum(c["chunk_size"] for c in index["chunks"]) == len(train) - 2
+    from litdata import StreamingDataset, TokensLoader
+
+    stream = StreamingDataset(str(tmp_path / "out" / "tokens" / "train"), item_loader=TokensLoader(block_size=1))
+    eos = tokenizer.load(cfg).token_to_id(cfg.tokenizer.eos_token)
+    assert sum(int(t[0]) == eos for t in stream) == len(train) - 2  # one EOS per document kept
 
 
 def test_quality_classifier_is_trained_evaluated_and_applied(small_corpus, tmp_path):

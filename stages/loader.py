@@ -1,0 +1,118 @@
+"""The token loader the trainer reads with: litdata's StreamingDataset and StreamingDataLoader over the
+tokenize stage's shards, local or on any S3 endpoint.
+
+- blocks of `block_size` tokens (seq_len + 1: inputs and shifted targets) from litdata's TokensLoader;
+- shuffled per epoch with the training seed; litdata splits the chunks per rank (from torch.distributed) and
+  per DataLoader worker, so ranks and workers read disjoint samples;
+- `state_dict()` / `load_state_dict()` of the StreamingDataLoader resume mid-epoch at exactly the next sample
+  (tests/test_loader.py), which is what the trainer's checkpoints store;
+- the local chunk cache is `$PRETRAIN_CACHE_DIR/litdata/<split>-<digest of URI and index.json>` (default root
+  ~/.cache/pretrain-pipeline): fixed, because litdata's loader state records it, and keyed by content, so a
+  rebuilt dataset at the same URI never reads stale chunks;
+- `check_dataset` runs first: a wrong endpoint, rejected credentials or a missing dataset fail in seconds with
+  an error that says which, where litdata itself would retry for minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from stages import storage
+from stages.config import PipelineConfig
+
+CACHE_ENV = "PRETRAIN_CACHE_DIR"  # local root for litdata's chunk cache; default ~/.cache/pretrain-pipeline
+INDEX = "index.json"
+
+
+class DatasetUnavailable(RuntimeError):
+    """The token dataset cannot be read; `kind` is endpoint, credentials or missing."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def dataset_uri(cfg: PipelineConfig, split: str) -> str:
+    return storage.join(cfg.storage.root, "tokens", split)
+
+
+def check_dataset(uri: str, cfg: PipelineConfig) -> bytes:
+    """The dataset's index.json, or within seconds an error naming what is wrong."""
+    if storage.is_remote(uri):
+        try:
+            storage.probe_s3(uri, cfg.storage, key=INDEX)
+        except storage.StorageError as exc:
+            raise DatasetUnavailable(exc.kind, f"token dataset {uri}: {exc}") from None
+    index = storage.join(uri, INDEX)
+    if not storage.exists(index, cfg.storage):
+        raise DatasetUnavailable("missing", f"token dataset {uri}: no {INDEX} (run the tokenize stage first)")
+    with storage.open_uri(index, "rb", cfg.storage) as f:
+        return f.read()
+
+
+def cache_dir(uri: str, index: bytes, split: str) -> str:
+    key = hashlib.sha256(uri.encode() + b"\0" + index).hexdigest()[:16]
+    root = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "pretrain-pipeline")
+    path = os.path.join(root, "litdata", f"{split}-{key}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def make_dataset(cfg: PipelineConfig, split: str, shuffle: bool, block_size: int | None = None):
+    from litdata import StreamingDataset, TokensLoader
+
+    uri = dataset_uri(cfg, split)
+    index = check_dataset(uri, cfg)
+    options = storage.prepare_litdata(cfg.storage)
+    return StreamingDataset(
+        input_dir=uri if storage.is_remote(uri) else storage.filesystem(uri)[1],
+        item_loader=TokensLoader(block_size=block_size or cfg.train.seq_len + 1),
+        shuffle=shuffle,
+        seed=cfg.train.seed,
+        storage_options=options if storage.is_remote(uri) else None,
+        cache_dir=cache_dir(uri, index, split),
+    )
+
+
+def make_loader(cfg: PipelineConfig, split: str, batch_size: int, shuffle: bool, num_workers: int = 0):
+    from litdata import StreamingDataLoader
+
+    return StreamingDataLoader(make_dataset(cfg, split, shuffle), batch_size=batch_size, num_workers=num_workers)
+
+
+class Batches:
+    """Endless full batches from a StreamingDataLoader: a new epoch (reshuffled by litdata) when one runs out.
+
+    Each rank draws its own batches; ranks need not agree on epoch boundaries since every step takes exactly one
+    batch per rank. An incomplete last batch is skipped so every step sees `batch_size` sequences.
+    """
+
+    def __init__(self, loader, batch_size: int, log: Callable[[str], None] = print):
+        self.loader = loader
+        self.batch_size = batch_size
+        self.log = log
+        self._it = None
+
+    def next(self):
+        empty_epochs = 0
+        while True:
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                empty_epochs += 1
+                self.log(f"data: epoch {self.loader.current_epoch} done, epoch {self.loader.current_epoch + 1} starts")
+                if empty_epochs > 1:
+                    raise RuntimeError(
+                        f"training data gives this rank no full batch of {self.batch_size} sequences per epoch: "
+                        "lower train.micro_batch_size / seq_len / nproc or tokenize more text"
+                    ) from None
+                continue
+            if batch.shape[0] == self.batch_size:
+                return batch
+            # an incomplete final batch: skip it (its samples count as consumed in the loader's state)
