@@ -9,14 +9,22 @@ work starts.
 
 from __future__ import annotations
 
+import base64
 import json
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
-from stages import dedup, evaluate, filter, ingest, launch, tokenize, tokenizer
+from stages import dedup, evaluate, filter, ingest, launch, tokenize, tokenizer, train_report
 from stages.config import PipelineConfig, load_config
 from stages.preflight import preflight
 
@@ -67,10 +75,40 @@ def on_cluster_if_configured(stage_task, cfg: PipelineConfig) -> dict:
         return runner.submit(stage_task, {"cfg": cfg}).result()
 
 
+class TrainingProgress:
+    """A progress artifact that follows the training steps, updated at most every `interval` seconds."""
+
+    def __init__(self, interval: float = 2.0):
+        self.interval = interval
+        self.artifact_id = None
+        self.last = 0.0
+
+    def __call__(self, metric: dict) -> None:
+        percent = 100.0 * metric["step"] / metric["max_steps"]
+        now = time.monotonic()
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                progress=percent, key="train-progress", description="training steps done (%)"
+            )
+        elif now - self.last >= self.interval or metric["step"] == metric["max_steps"]:
+            update_progress_artifact(self.artifact_id, progress=percent)
+        else:
+            return
+        self.last = now
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig) -> dict:
     # The torchrun children's output streams line by line into this task's log.
-    return _report("train", launch.run_training(cfg, on_line=get_run_logger().info))
+    stats = launch.run_training(cfg, on_line=get_run_logger().info, on_metric=TrainingProgress())
+    report = train_report.write(cfg)
+    if report["png"]:
+        data_uri = "data:image/png;base64," + base64.b64encode(report["png"]).decode()
+        create_image_artifact(image_url=data_uri, key="train-loss-curve", description=f"saved at {report['png_uri']}")
+        create_table_artifact(
+            key="train-metrics", table=train_report.metrics_table(report["records"]), description="per-step metrics"
+        )
+    return _report("train", stats)
 
 
 def funnel(stats: dict[str, dict]) -> str:

@@ -13,6 +13,7 @@ from stages import storage
 from stages.config import PipelineConfig, StorageConfig
 
 META = "meta.json"
+METRICS = "metrics.jsonl"  # rank 0's per-step records, beside the checkpoints
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "config"
+MODEL_PRESET_DIR = PRESET_DIR / "models"
 
 
 class ConfigError(ValueError):
@@ -234,10 +235,14 @@ class TokenizeConfig(Strict):
 
 
 class ModelConfig(Strict):
+    # A Llama-style decoder (stages/model.py). `preset` names config/models/<preset>.yaml, whose fields are the
+    # defaults under any given here (presets from about 1M to about 1B parameters).
+    preset: str | None = None
     dim: int = Field(128, gt=0)
     n_layers: int = Field(2, gt=0)
     n_heads: int = Field(4, gt=0)
     n_kv_heads: int | None = None  # None: multi-head attention; fewer: grouped-query attention
+    ffn_hidden_dim: int | None = Field(None, gt=0)  # None: 8/3 * dim rounded up to ffn_multiple_of
     ffn_multiple_of: int = 32
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -258,22 +263,62 @@ class TrainConfig(Strict):
     nnodes: int = Field(1, ge=1)
     rdzv_endpoint: str | None = None  # host:port of the rendezvous when nnodes > 1
     seq_len: int = Field(128, gt=0)
-    micro_batch_size: int = Field(8, gt=0)  # sequences per rank per step
-    max_steps: int = Field(60, gt=0)
+    micro_batch_size: int = Field(8, gt=0)  # sequences per rank per forward/backward
+    # Sequences per optimizer step over all ranks; reached by gradient accumulation, so it stays the same when
+    # the number of processes changes. None: micro_batch_size x processes (no accumulation).
+    global_batch_size: int | None = Field(None, gt=0)
+    # Length of the run, in this order: max_steps; else max_tokens; else chinchilla_multiplier x parameters tokens.
+    max_steps: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+    chinchilla_multiplier: float = Field(20.0, gt=0)
     lr: float = Field(3e-3, gt=0)
     min_lr: float = Field(3e-4, ge=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # Stop with an error when the loss or gradient norm is not finite, or the gradient norm (before clipping)
+    # exceeds this factor x the median of the last 20 steps after warmup; the last good checkpoint stays.
+    grad_spike_factor: float | None = Field(10.0, gt=1.0)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: memory for compute
+    compile: bool = False  # torch.compile each block (the first steps pay for compilation)
     checkpoint_every: int = Field(50, gt=0)
+    keep_last: int | None = Field(3, ge=1)  # complete checkpoints kept (older ones deleted); None: all
+    async_checkpoint: bool = False  # save in a background thread (DCP async_save) while training goes on
+    # auto: the latest complete checkpoint of this run; none: start fresh; or the URI of a checkpoint to resume.
+    resume: str = "auto"
+    # Weights (only) to start from when not resuming: continued pretraining from another run's checkpoint.
+    initial_checkpoint: str | None = None
+    val_every: int = Field(50, gt=0)  # validation loss every K steps (and at the end)
+    val_batches: int = Field(4, gt=0)  # per rank, of micro_batch_size sequences
     seed: int = 1234
     loader_workers: int = Field(0, ge=0)
+    # How the run proceeds and what it keeps, not the weights it ends with (resume is exact).
+    runtime_only = ("resume", "async_checkpoint", "keep_last")
 
     @model_validator(mode="after")
-    def _lr_order(self) -> "TrainConfig":
+    def _consistent(self) -> "TrainConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError("set max_steps or max_tokens, not both")
+        per_step = self.micro_batch_size * self.world_size()
+        if self.global_batch_size is not None and self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size} x {self.world_size()} processes = {per_step}"
+            )
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
         return self
+
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    def global_batch(self) -> int:
+        return self.global_batch_size or self.micro_batch_size * self.world_size()
+
+    def grad_accum_steps(self) -> int:
+        return self.global_batch() // (self.micro_batch_size * self.world_size())
 
 
 class EvaluateConfig(Strict):
@@ -375,6 +420,21 @@ def _resolve_relative(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
+def _merge_model_preset(data: dict, path: Path) -> None:
+    """`model.preset: NAME` takes config/models/NAME.yaml as the defaults of the model section."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("preset"):
+        return
+    preset_path = MODEL_PRESET_DIR / f"{model['preset']}.yaml"
+    if not preset_path.is_file():
+        known = ", ".join(sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"{path}: model.preset: no model preset {preset_path} (known: {known})")
+    base = yaml.safe_load(preset_path.read_text()) or {}
+    if not isinstance(base, dict) or "preset" in base:
+        raise ConfigError(f"{preset_path}: must be a mapping of model fields (without `preset`)")
+    data["model"] = {**base, **model}
+
+
 def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
     path = resolve_preset(preset)
     try:
@@ -387,6 +447,7 @@ def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | list[st
     parsed = parse_overrides(overrides)
     for dotted, value in parsed.items():
         _apply_override(data, dotted, value, f"{path} (override)")
+    _merge_model_preset(data, path)
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:

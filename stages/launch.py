@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from stages import storage
+from stages import scaling, storage
 from stages.checkpoints import META, checkpoint_uri
 from stages.config import REPO_ROOT, PipelineConfig
 
@@ -47,6 +47,28 @@ def tokens_manifest_digest(cfg: PipelineConfig) -> str | None:
 def run_digest(cfg: PipelineConfig, tokens_digest: str | None) -> str:
     """Identity of a training run: the model and train sections plus the data it reads."""
     return storage.digest_of({"config": cfg.section_digest("model", "train"), "tokens": tokens_digest})
+
+
+def tokenizer_vocab_size(cfg: PipelineConfig) -> int:
+    from tokenizers import Tokenizer
+
+    uri = storage.join(cfg.storage.root, "tokenizer", "tokenizer.json")
+    if not storage.exists(uri, cfg.storage):
+        raise FileNotFoundError(f"{uri}: no tokenizer (run the tokenizer stage first)")
+    with storage.open_uri(uri, "rb", cfg.storage) as f:
+        return Tokenizer.from_str(f.read().decode("utf-8")).get_vocab_size()
+
+
+def with_planned_steps(cfg: PipelineConfig) -> PipelineConfig:
+    """The config with train.max_steps fixed (from max_tokens or the Chinchilla budget when unset): the children,
+    the skip check and the run's identity then all agree on one number."""
+    if cfg.train.max_steps is not None:
+        return cfg
+    steps, _ = scaling.planned_steps(cfg.model, cfg.train, tokenizer_vocab_size(cfg))
+    resolved = cfg.model_copy(deep=True)
+    resolved.train.max_tokens = None
+    resolved.train.max_steps = steps
+    return resolved
 
 
 def child_config_json(cfg: PipelineConfig) -> str:
@@ -70,9 +92,7 @@ def torchrun_command(cfg: PipelineConfig, config_file: str) -> list[str]:
     ]
     if t.nnodes == 1:
         cmd.append("--standalone")
-    else:
-        if not t.rdzv_endpoint:
-            raise ValueError("train.rdzv_endpoint (host:port) is required when train.nnodes > 1")
+    else:  # config validation guarantees rdzv_endpoint
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", t.rdzv_endpoint, "--rdzv-id", f"{cfg.name}-train"]
     # `--config-json` is not a prefix of any torchrun option (a flag such as `--log` would be ambiguous there).
     return cmd + ["-m", "stages.train", "--config-json", config_file]
@@ -100,9 +120,19 @@ def _parse(line: str, prefix: str) -> dict | None:
         return None
 
 
-def run_training(cfg: PipelineConfig, on_line: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume, or skip) as configured; returns the run's summary plus seconds and losses."""
+def run_training(
+    cfg: PipelineConfig,
+    on_line: Callable[[str], None] = print,
+    on_metric: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume, or skip) as configured; returns the run's summary plus seconds and losses.
+
+    `on_line` gets every line the ranks print, `on_metric` every per-step record (step, max_steps, loss, ...)."""
     started = time.time()
+    index = storage.join(cfg.storage.root, "tokens", "train", "index.json")
+    if not storage.exists(index, cfg.storage):  # fail here, not after torchrun has started every rank
+        raise FileNotFoundError(f"{index}: no tokenized training data (run the tokenize stage first)")
+    cfg = with_planned_steps(cfg)
     done = _completed_summary(cfg)
     if done is not None:
         on_line(f"training already complete at {checkpoint_uri(cfg, cfg.train.max_steps)}: skipped")
@@ -113,10 +143,6 @@ def run_training(cfg: PipelineConfig, on_line: Callable[[str], None] = print) ->
             "initial_loss": done.get("first_loss"),
             "final_loss": done.get("final_loss"),
         }
-
-    index = storage.join(cfg.storage.root, "tokens", "train", "index.json")
-    if not storage.exists(index, cfg.storage):  # fail here, not after torchrun has started every rank
-        raise FileNotFoundError(f"{index}: no tokenized training data (run the tokenize stage first)")
 
     env = dict(os.environ)
     env.update(storage.storage_env(cfg.storage))
@@ -154,6 +180,8 @@ def run_training(cfg: PipelineConfig, on_line: Callable[[str], None] = print) ->
                 on_line(line)
                 if (m := _parse(line, METRIC_PREFIX)) is not None:
                     initial_loss = m.get("loss") if initial_loss is None else initial_loss
+                    if on_metric:
+                        on_metric(m)
                 elif (s := _parse(line, SUMMARY_PREFIX)) is not None:
                     summary = s
             code = proc.wait()

@@ -53,6 +53,25 @@ def check_dataset(uri: str, cfg: PipelineConfig) -> bytes:
         return f.read()
 
 
+def index_digest(cfg: PipelineConfig, split: str) -> str:
+    """sha256 of the split's index.json (chunk names, sizes and sample counts): identifies the dataset's layout."""
+    return hashlib.sha256(check_dataset(dataset_uri(cfg, split), cfg)).hexdigest()
+
+
+def relocated_state(state: dict, loader) -> dict:
+    """A loader state saved while the same dataset lived elsewhere (a copied or moved storage root), pointed at
+    where it is now. litdata refuses a state whose recorded location differs; call this only after checking that
+    the dataset is the same one (`index_digest`)."""
+    dataset = loader.dataset
+    state = {**state, "dataset": dict(state["dataset"])}
+    state["dataset"].update(
+        input_dir_path=dataset.input_dir.path,
+        input_dir_url=dataset.input_dir.url,
+        cache_dir_path=dataset.cache_dir.path,
+    )
+    return state
+
+
 def cache_dir(uri: str, index: bytes, split: str) -> str:
     key = hashlib.sha256(uri.encode() + b"\0" + index).hexdigest()[:16]
     root = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "pretrain-pipeline")
@@ -74,6 +93,9 @@ def make_dataset(cfg: PipelineConfig, split: str, shuffle: bool, block_size: int
         seed=cfg.train.seed,
         storage_options=options if storage.is_remote(uri) else None,
         cache_dir=cache_dir(uri, index, split),
+        # litdata's default is True only when distributed; always True keeps a saved state loadable on any number
+        # of processes (litdata checks that the setting matches).
+        drop_last=True,
     )
 
 

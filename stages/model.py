@@ -14,14 +14,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from stages.config import ModelConfig
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int) -> int:
-    hidden = int(2 * (4 * dim) / 3)
-    return multiple_of * math.ceil(hidden / multiple_of)
+from stages.scaling import ffn_hidden_dim
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +58,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = ffn_hidden_dim(cfg.dim, cfg.ffn_multiple_of)
+        hidden = ffn_hidden_dim(cfg)
         self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
@@ -95,6 +92,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Recompute each block's activations during backward instead of keeping them (train.activation_checkpointing).
+        # Done here rather than by wrapping the blocks so parameter names, and with them checkpoints, are the same
+        # either way.
+        self.checkpoint_activations = False
 
     def init_weights(self, seed: int) -> None:
         """Deterministic init (GPT-2 style: N(0, 0.02), residual projections scaled by depth)."""
@@ -116,8 +117,12 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = self._rope(tokens.shape[1], tokens.device)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.output(self.norm(x)).float()
 
     def num_params(self) -> int:
+        # parameters() yields a tied weight once, as scaling.count_params counts it
         return sum(p.numel() for p in self.parameters())

@@ -2,17 +2,28 @@
 
 One file, torchtitan's shape at nanoGPT's size:
 - process group: NCCL on CUDA, gloo on CPU (`train.device`: auto | cpu | cuda); a 1-D device mesh;
-- model: `stages.model.Transformer` built with a fixed seed on every rank, then FSDP2 `fully_shard` on each
-  block and on the root (bf16 parameters with fp32 gradient reduction on CUDA, fp32 on CPU);
+- model: `stages.model.Transformer` built with a fixed seed on every rank, optionally compiled and with activation
+  checkpointing per block, then FSDP2 `fully_shard` on each block and on the root (bf16 parameters with fp32
+  gradient reduction on CUDA, fp32 on CPU);
 - data: stages/loader.py, litdata's StreamingDataLoader over `{root}/tokens/train` in blocks of seq_len + 1
-  tokens, split per rank by litdata, reshuffled every epoch; epochs repeat until `max_steps`;
-- AdamW (weight decay on matrices only), linear warmup then cosine decay to `min_lr`, gradient clipping;
+  tokens, split per rank by litdata, reshuffled every epoch; epochs repeat until the run's last step;
+- steps: `global_batch_size` sequences per optimizer step through gradient accumulation (FSDP2 reduces gradients
+  on the last micro-batch only); the run's length from max_steps, max_tokens or the Chinchilla multiplier
+  (stages/scaling.py); AdamW (weight decay on matrices only), LambdaLR with linear warmup then cosine decay to
+  `min_lr`, gradient clipping;
+- a guard: a loss or gradient norm that is not finite, or a gradient norm beyond `grad_spike_factor` x the recent
+  median, stops the run before the optimizer step with an error naming the step; checkpoints already written
+  stay, and no later one is written;
 - checkpoints with torch.distributed.checkpoint (DCP) to `{root}/checkpoints/step-NNNNNN`: sharded model and
-  optimizer, step counters and each rank's data-loader position. `meta.json` is written last by rank 0 and is
-  the completion marker: a checkpoint folder without it is ignored (and overwritten), so a crash during a save
-  never resumes from half a checkpoint. On start the latest complete checkpoint (not beyond max_steps) is
-  loaded, so re-running the same command resumes where the last run stopped.
-- observability: rank 0 prints `METRIC {json}` per step and `SUMMARY {json}` at the end (parsed by
+  optimizer, scheduler, step, tokens seen, the guard's history, and per rank the RNG states and the data-loader
+  position. `meta.json` is written last by rank 0 and is the completion marker: a folder without it is ignored
+  (and overwritten), so a crash during a save never resumes from half a checkpoint. Saves can run in the
+  background (`async_checkpoint`: DCP async_save on its own gloo group, meta.json once it has finished); the
+  newest `keep_last` complete checkpoints are kept. DCP reshards on load: a checkpoint of N ranks loads on M.
+- start: `resume: auto` loads the latest complete checkpoint (not beyond the last step), `none` starts fresh, a
+  URI loads that checkpoint; otherwise `initial_checkpoint` gives starting weights only (continued pretraining);
+- observability: rank 0 prints `METRIC {json}` per step (loss, lr, grad norm, tokens/s, FLOP/s, MFU on known
+  GPUs, peak memory, validation loss every `val_every` steps) and `SUMMARY {json}` at the end (parsed by
   `stages.launch`) and keeps `{root}/checkpoints/metrics.jsonl`.
 """
 
@@ -23,30 +34,48 @@ import json
 import math
 import os
 import pickle
+import random
+import resource
 import socket
+import statistics
 import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from stages import loader as loader_lib
-from stages import storage
-from stages.checkpoints import META, checkpoint_uri, checkpoints_uri, complete_checkpoints, dcp_reader, dcp_writer
+from stages import scaling, storage
+from stages.checkpoints import (
+    META,
+    METRICS,
+    checkpoint_uri,
+    checkpoints_uri,
+    complete_checkpoints,
+    dcp_reader,
+    dcp_writer,
+)
 from stages.config import PipelineConfig
 from stages.launch import METRIC_PREFIX, SUMMARY_PREFIX, run_digest, tokens_manifest_digest
 from stages.model import Transformer
 
-METRICS = "metrics.jsonl"
-VAL_BATCHES = 4  # validation batches per rank (of micro_batch_size sequences)
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm went bad; the message names the step."""
 
 
 def log(msg: str) -> None:
@@ -106,9 +135,14 @@ def make_deterministic(seed: int, device: torch.device) -> None:
 def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device, mesh) -> Transformer:
     # Every rank builds the same full model from the same seed, then keeps only its shard. Fine at the sizes this
     # pipeline trains on CPU; a multi-billion model would be built on the meta device instead.
+    t = cfg.train
     model = Transformer(cfg.model, vocab_size)
-    model.init_weights(cfg.train.seed)
+    model.init_weights(t.seed)
     model.to(device)
+    model.checkpoint_activations = t.activation_checkpointing
+    if t.compile:
+        for block in model.layers:
+            block.compile()  # in place: parameter names, and so checkpoints, stay the same
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -126,18 +160,53 @@ def build_optimizer(model: torch.nn.Module, cfg: PipelineConfig, device: torch.d
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8, foreach=device.type == "cuda")
 
 
-def lr_at(step: int, cfg: PipelineConfig) -> float:
+def lr_at(step: int, cfg: PipelineConfig, max_steps: int) -> float:
     """Learning rate for (1-based) `step`: linear warmup, then cosine from lr to min_lr at max_steps."""
     t = cfg.train
     if t.warmup_steps and step <= t.warmup_steps:
         return t.lr * step / t.warmup_steps
-    span = max(1, t.max_steps - t.warmup_steps)
+    span = max(1, max_steps - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: PipelineConfig, max_steps: int):
+    # LambdaLR's epoch counts finished optimizer steps: after k of them the next step is k + 1.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_at(k + 1, cfg, max_steps) / cfg.train.lr)
+
+
 def _local(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+class DivergenceGuard:
+    """Stops a run whose loss or gradient norm is not finite, or whose gradient norm spikes.
+
+    Every rank sees the same all-reduced loss and the same global gradient norm, so all raise together (no rank is
+    left waiting in a collective). The history travels in checkpoints so a resumed run judges as the original.
+    """
+
+    WINDOW = 20
+    MIN_HISTORY = 3
+
+    def __init__(self, factor: float | None, warmup_steps: int, history: list[float] | None = None):
+        self.factor = factor
+        self.warmup_steps = warmup_steps
+        self.history = list(history or [])[-self.WINDOW :]
+
+    def check(self, step: int, loss: float, grad_norm: float, last_checkpoint: str | None) -> None:
+        where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else "; no checkpoint was written"
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"step {step}: loss {loss}, gradient norm {grad_norm}: not finite{where}")
+        if self.factor and step > self.warmup_steps and len(self.history) >= self.MIN_HISTORY:
+            median = statistics.median(self.history)
+            if grad_norm > self.factor * median:
+                raise TrainingDiverged(
+                    f"step {step}: gradient norm {grad_norm:.4g} is {grad_norm / median:.1f}x the median "
+                    f"{median:.4g} of the last {len(self.history)} steps (train.grad_spike_factor "
+                    f"{self.factor:g}){where}"
+                )
+        self.history = (self.history + [grad_norm])[-self.WINDOW :]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +221,7 @@ def load_val_batches(cfg: PipelineConfig, device: torch.device) -> list[torch.Te
         return []
     loader = loader_lib.make_loader(cfg, "val", batch_size=1, shuffle=False)
     items: list[torch.Tensor] = []
-    want = VAL_BATCHES * cfg.train.micro_batch_size
+    want = cfg.train.val_batches * cfg.train.micro_batch_size
     for item in loader:
         items.append(item[0])
         if len(items) >= want:
@@ -197,50 +266,158 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
 # checkpoints
 
 
-def _loader_key(rank: int) -> str:
+def _rank_key(rank: int) -> str:
     return f"rank{rank}"
 
 
-def save_checkpoint(step: int, model, optimizer, loader, train_state: dict, meta: dict, cfg: PipelineConfig) -> str:
-    uri = checkpoint_uri(cfg, step)
-    rank = dist.get_rank()
-    if rank == 0 and storage.exists(uri, cfg.storage):
-        storage.remove(uri, cfg.storage)  # an incomplete earlier attempt (no meta.json) or a stale folder
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {
-        "model": model_sd,
-        "optim": optim_sd,
-        "train": dict(train_state),
-        # Each rank's loader position under its own key (DCP keeps one copy of identical non-tensor keys).
-        "loader": {_loader_key(rank): pickle.dumps(loader.state_dict())},
-    }
-    dcp.save(state, storage_writer=dcp_writer(uri, cfg.storage))  # returns on every rank once .metadata is written
-    if rank == 0:
-        storage.write_json(storage.join(uri, META), meta, cfg.storage)  # the completion marker, last
-    dist.barrier()
-    return uri
+def rng_state(device: torch.device) -> bytes:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return pickle.dumps(state)
 
 
-def load_checkpoint(uri: str, model, optimizer, loader, cfg: PipelineConfig) -> dict:
-    rank = dist.get_rank()
-    reader = dcp_reader(uri, cfg.storage)
-    saved_keys = set(reader.read_metadata().state_dict_metadata)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "train": {"step": 0, "tokens_seen": 0}}
-    key = _loader_key(rank)
-    if f"loader.{key}" not in saved_keys and f"loader.{_loader_key(0)}" in saved_keys:
-        key = _loader_key(0)  # a different world size now: litdata restripes from any rank's (global) state
-    has_loader = f"loader.{key}" in saved_keys
-    if has_loader:
-        state["loader"] = {key: b""}
-    dcp.load(state, storage_reader=dcp_reader(uri, cfg.storage))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if has_loader:
-        loader.load_state_dict(pickle.loads(state["loader"][key]))
-    else:
-        log(f"{uri} has no data-loader state: the data order restarts")
-    return state["train"]
+def set_rng_state(blob: bytes, device: torch.device) -> None:
+    state = pickle.loads(blob)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Checkpointer:
+    """Saves and loads DCP checkpoints; `meta.json`, written last by rank 0, marks one complete.
+
+    Each rank's data-loader position and RNG states go under keys of their own (DCP keeps a single copy of a
+    non-tensor value that every rank saves under the same key). With `async_checkpoint`, DCP stages the state
+    in memory and writes it in a background thread over a gloo group of its own (so its collectives never
+    interleave with training's); rank 0 writes meta.json once its save has finished, which for DCP's
+    coordinator means every rank's data and the global metadata are written.
+    """
+
+    def __init__(self, cfg: PipelineConfig, device: torch.device, data_index: str):
+        self.cfg = cfg
+        self.device = device
+        self.data_index = data_index  # index_digest of the training data, recorded in every meta.json
+        self.rank = dist.get_rank()
+        self.pending: tuple[Any, str, dict] | None = None
+        self.group = dist.new_group(backend="gloo") if cfg.train.async_checkpoint else None
+        self.last_complete: str | None = None
+
+    def save(self, step: int, model, optimizer, scheduler, loader, guard, train_state: dict, meta: dict) -> str:
+        self.wait()
+        uri = checkpoint_uri(self.cfg, step)
+        if self.rank == 0 and storage.exists(uri, self.cfg.storage):
+            storage.remove(uri, self.cfg.storage)  # an incomplete earlier attempt (no meta.json) or a stale folder
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        key = _rank_key(self.rank)
+        state = {
+            "model": model_sd,
+            "optim": optim_sd,
+            "train": {
+                **train_state,
+                "scheduler": pickle.dumps(scheduler.state_dict()),
+                "guard": pickle.dumps(guard.history),
+            },
+            "loader": {key: pickle.dumps(loader.state_dict())},
+            "rng": {key: rng_state(self.device)},
+        }
+        writer = dcp_writer(uri, self.cfg.storage)
+        if self.group is not None:
+            self.pending = (dcp.async_save(state, storage_writer=writer, process_group=self.group), uri, meta)
+        else:
+            dcp.save(state, storage_writer=writer)  # returns on every rank once .metadata is written
+            self._commit(uri, meta)
+        return uri
+
+    def poll(self) -> None:
+        """Commit a finished background save without waiting for one still running."""
+        if self.pending is not None and self.pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        future, uri, meta = self.pending
+        self.pending = None
+        future.result()
+        self._commit(uri, meta)
+
+    def _commit(self, uri: str, meta: dict) -> None:
+        self.last_complete = uri
+        if self.rank != 0:
+            return
+        storage.write_json(storage.join(uri, META), meta, self.cfg.storage)  # the completion marker, last
+        log(f"checkpoint {uri} (val_loss {meta.get('val_loss')})")
+        keep = self.cfg.train.keep_last
+        if keep:
+            for _, old in complete_checkpoints(self.cfg.storage.root, self.cfg.storage)[:-keep]:
+                if old != uri:
+                    storage.remove(old, self.cfg.storage)
+
+    def load(self, uri: str, model, optimizer, scheduler, loader, guard) -> dict:
+        """Everything a resumed run needs; from a run with another world size, what DCP can reshard."""
+        reader = dcp_reader(uri, self.cfg.storage)
+        saved = set(reader.read_metadata().state_dict_metadata)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        train_state = {"step": 0, "tokens_seen": 0, "scheduler": b"", "guard": b""}
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "train": train_state}
+        key = _rank_key(self.rank)
+        loader_key = key if f"loader.{key}" in saved else _rank_key(0)
+        if f"loader.{loader_key}" in saved:
+            # from another world size any rank's state will do: litdata's is global and restripes itself
+            state["loader"] = {loader_key: b""}
+        if f"rng.{key}" in saved:
+            state["rng"] = {key: b""}
+        dcp.load(state, storage_reader=reader)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scheduler.load_state_dict(pickle.loads(state["train"]["scheduler"]))
+        guard.history = pickle.loads(state["train"]["guard"])
+        if "loader" in state:
+            loader_state = pickle.loads(state["loader"][loader_key])
+            meta = storage.read_json(storage.join(uri, META), self.cfg.storage)
+            if meta.get("tokens_index_sha256") == self.data_index:  # the same data, perhaps at another URI
+                loader_state = loader_lib.relocated_state(loader_state, loader)
+            if loader_state["num_samples_yielded"] > len(loader.dataset):
+                # Saved by fewer ranks further into the epoch than one of today's ranks holds samples: litdata
+                # cannot restripe that position, so the next epoch (reshuffled) starts instead.
+                log(
+                    f"data: the position saved by {meta.get('world_size')} ranks cannot be restriped onto "
+                    f"{dist.get_world_size()}; epoch {loader_state['current_epoch'] + 1} starts"
+                )
+                loader.current_epoch = loader_state["current_epoch"]
+            else:
+                loader.load_state_dict(loader_state)
+        else:
+            log(f"{uri} has no data-loader state: the data order restarts")
+        if "rng" in state:
+            set_rng_state(state["rng"][key], self.device)
+        self.last_complete = uri
+        return {"step": int(state["train"]["step"]), "tokens_seen": int(state["train"]["tokens_seen"])}
+
+    def load_weights(self, uri: str, model) -> None:
+        """Only the model's weights (continued pretraining from another run's checkpoint)."""
+        if not storage.exists(storage.join(uri, META), self.cfg.storage):
+            raise FileNotFoundError(f"train.initial_checkpoint {uri}: no {META}, not a complete checkpoint")
+        model_sd = get_model_state_dict(model)
+        state = {"model": model_sd}
+        dcp.load(state, storage_reader=dcp_reader(uri, self.cfg.storage))
+        set_model_state_dict(model, state["model"])
+
+
+def pick_resume(cfg: PipelineConfig, max_steps: int) -> str | None:
+    """The checkpoint to resume from, per train.resume (rank 0 decides for everyone)."""
+    mode = cfg.train.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        found = [c for c in complete_checkpoints(cfg.storage.root, cfg.storage) if c[0] <= max_steps]
+        return found[-1][1] if found else None
+    if not storage.exists(storage.join(mode, META), cfg.storage):
+        raise FileNotFoundError(f"train.resume {mode}: no {META}, not a complete checkpoint")
+    return mode
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,116 +484,174 @@ def load_tokenizer_vocab(cfg: PipelineConfig) -> tuple[int, str]:
     return tok.get_vocab_size(), uri
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA's allocator peak, or on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    return scaling.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
 def train(cfg: PipelineConfig) -> dict:
     t = cfg.train
     device, mesh = setup_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     make_deterministic(t.seed, device)
-    log(f"world={world} device={device.type} backend={dist.get_backend()}")
+    global_batch = t.global_batch()
+    if global_batch % (t.micro_batch_size * world):
+        raise ValueError(
+            f"train.global_batch_size {global_batch} is not a multiple of micro_batch_size {t.micro_batch_size} x "
+            f"{world} processes"
+        )
+    accum = global_batch // (t.micro_batch_size * world)
 
     vocab_size, tokenizer_uri = load_tokenizer_vocab(cfg)
+    max_steps, budget_source = scaling.planned_steps(cfg.model, t, vocab_size)
+    flops_per_token = scaling.flops_per_token(cfg.model, vocab_size, t.seq_len)
+    peak = device_peak_flops(device)
     model = build_model(cfg, vocab_size, device, mesh)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg, device)
-    log(f"model: {n_params:,} parameters, vocab {vocab_size}")
+    scheduler = build_scheduler(optimizer, cfg, max_steps)
+    guard = DivergenceGuard(t.grad_spike_factor, t.warmup_steps)
+    checkpointer = Checkpointer(cfg, device, loader_lib.index_digest(cfg, "train"))
+    tokens_per_step = global_batch * t.seq_len
+    log(
+        f"world={world} device={device.type} backend={dist.get_backend()}; model {n_params:,} parameters, vocab "
+        f"{vocab_size}, {flops_per_token:,} FLOPs/token; {max_steps} steps ({budget_source}) of {global_batch} "
+        f"sequences = {tokens_per_step:,} tokens ({accum} micro-batches of {t.micro_batch_size} per rank)"
+    )
 
     loader = loader_lib.make_loader(
         cfg, "train", batch_size=t.micro_batch_size, shuffle=True, num_workers=t.loader_workers
     )
     val_batches = load_val_batches(cfg, device)
 
-    # Resume from the latest complete checkpoint not beyond max_steps; rank 0 decides for everyone.
-    choice = [None]
-    if rank == 0:
-        found = [c for c in complete_checkpoints(cfg.storage.root, cfg.storage) if c[0] <= t.max_steps]
-        choice = [found[-1] if found else None]
+    choice = [pick_resume(cfg, max_steps) if rank == 0 else None]
     dist.broadcast_object_list(choice, src=0)
-    step, tokens_seen, resumed_from = 0, 0, None
-    if choice[0] is not None:
-        resumed_from = choice[0][1]
-        state = load_checkpoint(resumed_from, model, optimizer, loader, cfg)
-        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+    step, tokens_seen, resumed_from = 0, 0, choice[0]
+    if resumed_from is not None:
+        state = checkpointer.load(resumed_from, model, optimizer, scheduler, loader, guard)
+        step, tokens_seen = state["step"], state["tokens_seen"]
         log(f"resumed from {resumed_from} at step {step}")
+    elif t.initial_checkpoint:
+        checkpointer.load_weights(t.initial_checkpoint, model)
+        log(f"initial weights from {t.initial_checkpoint}")
     start_step = step
 
     tokens_digest = tokens_manifest_digest(cfg)
     digest = run_digest(cfg, tokens_digest)
     metrics = MetricsLog(cfg, start_step) if rank == 0 else None
     batches = loader_lib.Batches(loader, t.micro_batch_size, log)
-    tokens_per_step = t.micro_batch_size * t.seq_len * world
 
     first_loss = final_loss = val_loss = None
-    last_ckpt = resumed_from
+    parent = os.getppid()
     started = time.time()
     train_seconds = 0.0
     model.train()
-    while step < t.max_steps:
-        tick = time.time()
-        step += 1
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = batches.next()
-        loss = lm_loss(model, batch, device)
-        loss.backward()
-        grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = mean_over_ranks(loss.detach().item(), device)
-        tokens_seen += tokens_per_step
-        dt = time.time() - tick
-        train_seconds += dt
-        first_loss = loss_value if first_loss is None else first_loss
-        final_loss = loss_value
-        if rank == 0:
-            record = {
-                "step": step,
-                "loss": round(loss_value, 6),
-                "lr": lr,
-                "grad_norm": round(grad_norm, 6),
-                "tokens_per_s": round(tokens_per_step / dt, 1),
-                "elapsed": round(time.time() - started, 3),
-                "tokens_seen": tokens_seen,
-            }
-            metrics.append(record)
-            emit(METRIC_PREFIX, record)
+    try:
+        while step < max_steps:
+            if os.getppid() != parent:
+                # torchrun was killed (SIGKILL gives it no chance to stop us): carrying on would race the run that
+                # replaces it for the same checkpoints.
+                print(f"[train] rank {rank}: torchrun is gone, stopping at step {step}", flush=True)
+                os._exit(1)
+            tick = time.perf_counter()
+            step += 1
+            lr = optimizer.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                batch = batches.next()
+                if accum > 1:  # reduce-scatter gradients once per step, on the last micro-batch
+                    model.set_requires_gradient_sync(micro == accum - 1)
+                loss = lm_loss(model, batch, device) / accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)).item()
+            loss_value = mean_over_ranks(loss_sum.item(), device)
+            guard.check(step, loss_value, grad_norm, checkpointer.last_complete)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_step
+            dt = time.perf_counter() - tick
+            train_seconds += dt
+            checkpointer.poll()
+            first_loss = loss_value if first_loss is None else first_loss
+            final_loss = loss_value
 
-        if step % t.checkpoint_every == 0 or step == t.max_steps:
-            val_loss = evaluate(model, val_batches, device)
-            meta = {
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "train_loss": final_loss,
-                "val_loss": val_loss,
-                "model": cfg.model.model_dump(),
-                "vocab_size": vocab_size,
-                "tokenizer_uri": tokenizer_uri,
-                "run_digest": digest,
-                "tokens_digest": tokens_digest,
-                "world_size": world,
-                "seq_len": t.seq_len,
-            }
-            if step == t.max_steps:
-                meta["summary"] = _summary(
-                    step,
-                    first_loss,
-                    final_loss,
-                    val_loss,
-                    tokens_seen,
-                    (step - start_step) * tokens_per_step,
-                    train_seconds,
-                    checkpoint_uri(cfg, step),
-                    n_params,
-                    start_step,
+            val_now = None
+            if step % t.val_every == 0 or step == max_steps:
+                val_loss = val_now = evaluate(model, val_batches, device)
+            if rank == 0:
+                flops_per_s = flops_per_token * tokens_per_step / dt
+                record = {
+                    "step": step,
+                    "max_steps": max_steps,
+                    "loss": round(loss_value, 6),
+                    "lr": lr,
+                    "grad_norm": round(grad_norm, 6),
+                    "tokens_per_s": round(tokens_per_step / dt, 1),
+                    "flops_per_s": round(flops_per_s),
+                    "mfu": round(flops_per_s / (peak * world), 4) if peak else None,
+                    "memory_mb": round(peak_memory_mb(device), 1),
+                    "elapsed": round(time.time() - started, 3),
+                    "tokens_seen": tokens_seen,
+                }
+                if val_now is not None:
+                    record["val_loss"] = round(val_now, 6)
+                metrics.append(record)
+                emit(METRIC_PREFIX, record)
+
+            if step % t.checkpoint_every == 0 or step == max_steps:
+                meta = {
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "train_loss": final_loss,
+                    "val_loss": val_now,
+                    "model": cfg.model.model_dump(),
+                    "vocab_size": vocab_size,
+                    "tokenizer_uri": tokenizer_uri,
+                    "run_digest": digest,
+                    "tokens_digest": tokens_digest,
+                    "tokens_index_sha256": checkpointer.data_index,
+                    "world_size": world,
+                    "seq_len": t.seq_len,
+                    "max_steps": max_steps,
+                }
+                if step == max_steps:
+                    meta["summary"] = _summary(
+                        step,
+                        first_loss,
+                        final_loss,
+                        val_loss,
+                        tokens_seen,
+                        (step - start_step) * tokens_per_step,
+                        train_seconds,
+                        checkpoint_uri(cfg, step),
+                        n_params,
+                        start_step,
+                        flops_per_token,
+                        peak and peak * world,
+                        peak_memory_mb(device),
+                    )
+                checkpointer.save(
+                    step, model, optimizer, scheduler, loader, guard, {"step": step, "tokens_seen": tokens_seen}, meta
                 )
-            last_ckpt = save_checkpoint(
-                step, model, optimizer, loader, {"step": step, "tokens_seen": tokens_seen}, meta, cfg
-            )
-            if metrics:
-                metrics.flush()
-            log(f"checkpoint {last_ckpt} (val_loss {val_loss})")
+                if metrics:
+                    metrics.flush()
+        checkpointer.wait()
+    except TrainingDiverged:
+        checkpointer.wait()  # a save still running in the background is a good checkpoint: let it complete
+        raise
+    finally:
+        if metrics:
+            metrics.close()
 
-    if start_step >= t.max_steps:  # nothing left to do: report what the checkpoint holds
+    if start_step >= max_steps:  # nothing left to do: report what the checkpoint holds
         val_loss = evaluate(model, val_batches, device)
     summary = _summary(
         step,
@@ -426,20 +661,36 @@ def train(cfg: PipelineConfig) -> dict:
         tokens_seen,
         (step - start_step) * tokens_per_step,
         train_seconds,
-        last_ckpt,
+        checkpointer.last_complete,
         n_params,
         start_step,
+        flops_per_token,
+        peak and peak * world,
+        peak_memory_mb(device),
     )
     if rank == 0:
-        metrics.close()
         emit(SUMMARY_PREFIX, summary)
     dist.barrier()
     return summary
 
 
 def _summary(
-    step, first_loss, final_loss, val_loss, tokens_seen, tokens_this_run, seconds, ckpt, n_params, start_step
+    step,
+    first_loss,
+    final_loss,
+    val_loss,
+    tokens_seen,
+    tokens_this_run,
+    seconds,
+    ckpt,
+    n_params,
+    start_step,
+    flops_per_token,
+    total_peak_flops,
+    memory_mb,
 ) -> dict:
+    tokens_per_s = tokens_this_run / seconds if seconds > 0 else None
+    flops_per_s = flops_per_token * tokens_per_s if tokens_per_s else None
     return {
         "steps": step,
         "start_step": start_step,
@@ -447,7 +698,11 @@ def _summary(
         "final_loss": final_loss,
         "val_loss": val_loss,
         "tokens_seen": tokens_seen,
-        "tokens_per_s": round(tokens_this_run / seconds, 1) if seconds > 0 else None,
+        "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        "flops_per_token": flops_per_token,
+        "flops_per_s": round(flops_per_s) if flops_per_s else None,
+        "mfu": round(flops_per_s / total_peak_flops, 4) if flops_per_s and total_peak_flops else None,
+        "peak_memory_mb": round(memory_mb, 1),
         "checkpoint": ckpt,
         "params": n_params,
     }

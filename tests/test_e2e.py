@@ -69,15 +69,22 @@ def task_states(stack, flow_run_id: str) -> dict[str, str]:
     return {run["name"].rsplit("-", 1)[0]: run["state"]["type"] for run in runs}
 
 
-def artifacts(stack, flow_run_id: str) -> set[str]:
+def artifacts(stack, flow_run_id: str) -> dict[str, dict]:
     found = api(stack["api"], "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
-    return {a["key"] for a in found if a["key"]}
+    return {a["key"]: a for a in found if a["key"]}
 
 
 def assert_run_completed(stack, flow_run_id: str) -> None:
     states = task_states(stack, flow_run_id)
     assert {name: states.get(name) for name in STAGES} == {name: "COMPLETED" for name in STAGES}
-    assert {f"{s}-stats" for s in STAGES} | {"data-funnel"} <= artifacts(stack, flow_run_id)
+    found = artifacts(stack, flow_run_id)
+    training = {"train-progress", "train-loss-curve", "train-metrics"}
+    assert {f"{s}-stats" for s in STAGES} | {"data-funnel"} | training <= set(found)
+    assert found["train-progress"]["type"] == "progress" and found["train-progress"]["data"] == 100.0
+    assert found["train-loss-curve"]["type"] == "image"
+    assert found["train-loss-curve"]["data"].startswith("data:image/png;base64,iVBORw0KGgo")  # the PNG signature
+    rows = json.loads(found["train-metrics"]["data"])
+    assert rows[0]["step"] == 1 and rows[-1]["step"] == 60 and rows[-1]["loss"] < rows[0]["loss"]
 
 
 def test_pretrain_full_local(stack, tmp_path):
@@ -89,6 +96,7 @@ def test_pretrain_full_local(stack, tmp_path):
         assert manifest["files"] and all(f["bytes"] > 0 for f in manifest["files"].values()), stage
     metrics = [json.loads(line) for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
+    assert (root / "checkpoints" / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
     (results,) = root.glob("checkpoints/step-*/eval/results.json")
     bpb = json.loads(results.read_text())["results"]["heldout_ppl"]["bits_per_byte,none"]
     assert 0 < bpb < 8
