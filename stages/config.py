@@ -279,6 +279,10 @@ class TrainConfig(Strict):
     # Stop with an error when the loss or gradient norm is not finite, or the gradient norm (before clipping)
     # exceeds this factor x the median of the last 20 steps after warmup; the last good checkpoint stays.
     grad_spike_factor: float | None = Field(10.0, gt=1.0)
+    # FSDP2: free each block's gathered parameters after its forward and gather them again for backward (ZeRO-3,
+    # least memory); False keeps them until backward (ZeRO-2-like: one all-gather fewer per block and step, the
+    # better trade when the model is small next to activations, as on CPU).
+    reshard_after_forward: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward: memory for compute
     compile: bool = False  # torch.compile each block (the first steps pay for compilation)
     checkpoint_every: int = Field(50, gt=0)

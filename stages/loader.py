@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,6 +112,11 @@ class Batches:
 
     Each rank draws its own batches; ranks need not agree on epoch boundaries since every step takes exactly one
     batch per rank. An incomplete last batch is skipped so every step sees `batch_size` sequences.
+
+    The next batch is read by a background thread while the current one trains (litdata's reading is Python
+    work that a forward/backward, which releases the GIL, hides; a loader worker process would compete for the
+    cores instead). So that checkpoints stay exact, the thread takes the loader's state right after each batch
+    and `state_dict()` returns the state after the last batch handed out, never after the one read ahead.
     """
 
     def __init__(self, loader, batch_size: int, log: Callable[[str], None] = print):
@@ -117,8 +124,10 @@ class Batches:
         self.batch_size = batch_size
         self.log = log
         self._it = None
+        self._queue: queue.Queue | None = None
+        self._state: dict | None = None
 
-    def next(self):
+    def _full_batch(self):
         empty_epochs = 0
         while True:
             if self._it is None:
@@ -138,3 +147,26 @@ class Batches:
             if batch.shape[0] == self.batch_size:
                 return batch
             # an incomplete final batch: skip it (its samples count as consumed in the loader's state)
+
+    def _read_ahead(self) -> None:
+        assert self._queue is not None
+        try:
+            while True:
+                batch = self._full_batch()
+                self._queue.put((batch, self.loader.state_dict()))
+        except BaseException as exc:  # handed to the training thread, which raises it
+            self._queue.put(exc)
+
+    def next(self):
+        if self._queue is None:
+            self._queue = queue.Queue(maxsize=1)  # one batch ahead
+            threading.Thread(target=self._read_ahead, name="batches", daemon=True).start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict:
+        """The loader's state after the last batch returned by `next` (its own state before the first)."""
+        return self._state if self._state is not None else self.loader.state_dict()

@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from stages import loader as loader_lib
@@ -125,7 +125,7 @@ def make_deterministic(seed: int, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(seed)
     # warn_only: an op without a deterministic kernel (some CUDA attention backwards) warns instead of failing.
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(os.environ.get("DET", "1") == "1", warn_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,12 +143,16 @@ def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device, mesh
     if t.compile:
         for block in model.layers:
             block.compile()  # in place: parameter names, and so checkpoints, stay the same
+    if mesh.size() == 1:
+        # One process has nothing to shard: FSDP would only add its hooks and copies. bf16 autocast on CUDA
+        # stands in for its mixed-precision policy (see lm_loss); DCP checkpoints load either way.
+        return model
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()  # fp32 on CPU
     for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=os.environ.get("RAF", "1") == "1")
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -240,7 +244,10 @@ def load_val_batches(cfg: PipelineConfig, device: torch.device) -> list[torch.Te
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     batch = batch.to(device, dtype=torch.long, non_blocking=True)
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs)
+    # bf16 on CUDA: FSDP's mixed-precision policy casts sharded models; a single unsharded process autocasts.
+    autocast = device.type == "cuda" and not isinstance(model, FSDPModule)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(inputs)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -305,7 +312,7 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if cfg.train.async_checkpoint else None
         self.last_complete: str | None = None
 
-    def save(self, step: int, model, optimizer, scheduler, loader, guard, train_state: dict, meta: dict) -> str:
+    def save(self, step: int, model, optimizer, scheduler, batches, guard, train_state: dict, meta: dict) -> str:
         self.wait()
         uri = checkpoint_uri(self.cfg, step)
         if self.rank == 0 and storage.exists(uri, self.cfg.storage):
@@ -321,7 +328,7 @@ class Checkpointer:
                 "scheduler": pickle.dumps(scheduler.state_dict()),
                 "guard": pickle.dumps(guard.history),
             },
-            "loader": {key: pickle.dumps(loader.state_dict())},
+            "loader": {key: pickle.dumps(batches.state_dict())},
             "rng": {key: rng_state(self.device)},
         }
         writer = dcp_writer(uri, self.cfg.storage)
@@ -565,7 +572,7 @@ def train(cfg: PipelineConfig) -> dict:
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 batch = batches.next()
-                if accum > 1:  # reduce-scatter gradients once per step, on the last micro-batch
+                if accum > 1 and world > 1:  # reduce-scatter gradients once per step, on the last micro-batch
                     model.set_requires_gradient_sync(micro == accum - 1)
                 loss = lm_loss(model, batch, device) / accum
                 loss.backward()
@@ -639,7 +646,7 @@ def train(cfg: PipelineConfig) -> dict:
                         peak_memory_mb(device),
                     )
                 checkpointer.save(
-                    step, model, optimizer, scheduler, loader, guard, {"step": step, "tokens_seen": tokens_seen}, meta
+                    step, model, optimizer, scheduler, batches, guard, {"step": step, "tokens_seen": tokens_seen}, meta
                 )
                 if metrics:
                     metrics.flush()

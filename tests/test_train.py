@@ -277,7 +277,8 @@ def sigkill_torchrun_at(step: int):
 
     def on_line(line: str) -> None:
         if line.startswith("METRIC ") and json.loads(line[len("METRIC ") :])["step"] == step:
-            procs = psutil.Process().children(recursive=True)
+            (torchrun,) = [p for p in psutil.Process().children() if "torch.distributed.run" in p.cmdline()]
+            procs = [torchrun, *torchrun.children(recursive=True)]
             for proc in procs:
                 proc.send_signal(signal.SIGKILL)
             # torchrun itself is reaped by the launcher's Popen (reaping it here would hide its exit code)
