@@ -10,6 +10,9 @@ STACK := $(PY) infra/stack.py
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	$(PIP) install -q torch==2.13.0 -e '.[dev]'
+	# litdata depends on torchvision but never imports it; PyPI's wheel does not load beside the CPU torch
+	# 2.13 build ("operator torchvision::nms does not exist") and transformers' Llama import then fails.
+	$(PIP) uninstall -y -q torchvision
 	$(PY) infra/fetch_models.py
 	touch $@
 

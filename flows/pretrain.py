@@ -61,7 +61,22 @@ filter_task = _stage_task("filter", filter.run)
 dedup_task = _stage_task("dedup", dedup.run)
 tokenizer_task = _stage_task("tokenizer", tokenizer.run)
 tokenize_task = _stage_task("tokenize", tokenize.run)
-evaluate_task = _stage_task("evaluate", evaluate.run)
+
+
+def report_evaluation(stats: dict) -> dict:
+    """The stats table plus a table of every metric beside the previously evaluated checkpoint's."""
+    skipped = stats.get("tasks_skipped") or "none"
+    create_table_artifact(
+        key="eval-metrics",
+        table=evaluate.compare(stats["metrics"], stats.get("previous")),
+        description=f"step {stats['step']} of {stats['checkpoint']}; skipped tasks: {skipped}",
+    )
+    return _report("evaluate", stats)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(cfg: PipelineConfig, checkpoint: str | None = None) -> dict:
+    return report_evaluation(evaluate.run(cfg, log=get_run_logger().info, checkpoint=checkpoint))
 
 
 def on_cluster_if_configured(stage_task, cfg: PipelineConfig) -> dict:

@@ -326,7 +326,10 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    tasks: list[str] = ["heldout_ppl"]
+    # Our offline tasks (stages/eval_tasks/: heldout_ppl, heldout_mc) and any lm-eval task (hellaswag, arc_easy,
+    # piqa, lambada_openai, winogrande, ...): one whose dataset is not in the local Hugging Face cache is skipped
+    # with the reason in the results, never fatal.
+    tasks: list[str] = ["heldout_ppl", "heldout_mc"]
     max_docs: int | None = Field(200, gt=0)  # held-out documents scored; None: all
     batch_size: int = Field(8, gt=0)
     # Training documents sharing a 13-gram with these texts (JSONL `text` fields or text files) are dropped by

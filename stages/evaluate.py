@@ -48,7 +48,7 @@ from lm_eval.api.model import LM  # noqa: E402
 
 from stages.checkpoints import dcp_reader, latest_checkpoint  # noqa: E402
 from stages.config import ModelConfig, PipelineConfig, StorageConfig  # noqa: E402
-from stages.model import Transformer  # noqa: E402
+from stages.model import KVCache, Transformer  # noqa: E402
 from stages.storage import (  # noqa: E402
     StageOutput,
     digest_of,
@@ -150,6 +150,7 @@ class PipelineLM(LM):
         self.eos_token = eos_token
         self.eos_token_id = int(eos_id)
         self.tokens_forwarded = 0  # real (unpadded) tokens through the model, for throughput
+        self.truncated = 0  # continuations longer than max_length, scored on their last max_length tokens
         self.model_seconds = 0.0  # wall time inside the request methods (tokenize, forward, score)
         self._info = dict(info or {})
 
@@ -193,15 +194,20 @@ class PipelineLM(LM):
         return self.model(batch.to(self._device))
 
     def _score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """Sum of log p(continuation | context) and whether greedy decoding reproduces the continuation."""
+        """Sum of log p(continuation | context) and whether greedy decoding reproduces the continuation.
+
+        A continuation longer than the window keeps its last max_length tokens scored and the rest as context
+        (counted in `self.truncated`), where lm-eval's hf backend would slice its logits wrongly."""
         inputs, n_conts = [], []
-        for ctx, cont in pairs:
+        for n, (ctx, cont) in enumerate(pairs):
             if not cont:
                 inputs.append(None)
                 n_conts.append(0)
                 continue
             if len(cont) > self.max_length:
-                raise ValueError(f"continuation of {len(cont)} tokens is longer than max_length {self.max_length}")
+                self.truncated += 1
+                ctx, cont = ctx + cont[: -self.max_length], cont[-self.max_length :]
+                pairs[n] = (ctx, cont)
             if not ctx:
                 ctx = [self.prefix_token_id]
             inputs.append((ctx + cont)[-(self.max_length + 1) :][:-1])
@@ -259,7 +265,8 @@ class PipelineLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding without a KV cache: every step re-runs the last `max_length` tokens of each row."""
+        """Greedy decoding in batches with a KV cache: one prefill of the left-padded prompts, then one position per
+        step. A prompt keeps its last max_length - max_gen_toks tokens (as lm-eval's hf backend does)."""
         started = time.perf_counter()
         outputs: list[str] = [""] * len(requests)
         jobs = []
@@ -270,32 +277,59 @@ class PipelineLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             if self.eos_token not in until:
                 until.append(self.eos_token)
-            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+            max_new = min(int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks)), self.max_length - 1)
             prompt = self.tok_encode(context) if context else [self.prefix_token_id]
-            jobs.append({"n": n, "tokens": prompt, "start": len(prompt), "until": until, "max_new": max_new})
-        for start in range(0, len(jobs), self.batch_size):
-            active = [j for j in jobs[start : start + self.batch_size] if j["max_new"] > 0]
-            while active:
-                seqs = [j["tokens"][-self.max_length :] for j in active]
-                logits = self._forward_padded(seqs)
-                still = []
-                for row, job in enumerate(active):
-                    nxt = int(logits[row, len(seqs[row]) - 1].argmax().item())
-                    job["tokens"].append(nxt)
-                    generated = job["tokens"][job["start"] :]
-                    text = self.tok_decode(generated)
-                    done = nxt == self.eos_token_id or len(generated) >= job["max_new"]
-                    if not done and not any(s in text for s in job["until"]):
-                        still.append(job)
-                active = still
-            for job in jobs[start : start + self.batch_size]:
-                text = self.tok_decode(job["tokens"][job["start"] :])
+            prompt = prompt[-(self.max_length - max_new) :] or [self.prefix_token_id]
+            jobs.append({"n": n, "prompt": prompt, "generated": [], "until": until, "max_new": max_new})
+        # similar prompt lengths share a batch: less padding
+        order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i]["prompt"]))
+        for start in range(0, len(order), self.batch_size):
+            batch = [jobs[i] for i in order[start : start + self.batch_size]]
+            self._generate_batch([j for j in batch if j["max_new"] > 0])
+            for job in batch:
+                text = self.tok_decode(job["generated"])
                 for stop in job["until"]:
                     text = text.split(stop, 1)[0]
                 outputs[job["n"]] = text
                 self.cache_hook.add_partial("generate_until", requests[job["n"]].args, text)
         self.model_seconds += time.perf_counter() - started
         return outputs
+
+    @torch.inference_mode()
+    def _generate_batch(self, batch: list[dict]) -> None:
+        if not batch:
+            return
+        width = max(len(j["prompt"]) for j in batch)
+        steps = max(j["max_new"] for j in batch)
+        tokens = torch.full((len(batch), width), self.eos_token_id, dtype=torch.long)
+        valid = torch.zeros((len(batch), width), dtype=torch.bool)
+        for row, job in enumerate(batch):
+            tokens[row, width - len(job["prompt"]) :] = torch.tensor(job["prompt"], dtype=torch.long)
+            valid[row, width - len(job["prompt"]) :] = True
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        dtype = next(self.model.parameters()).dtype
+        cache = KVCache(self.model, len(batch), width + steps, self._device, dtype)
+        logits = self.model(tokens.to(self._device), cache, positions.to(self._device), valid.to(self._device))
+        self.tokens_forwarded += int(valid.sum())
+        last = positions[:, -1].to(self._device)
+        running = set(range(len(batch)))  # rows still generating; finished rows ride along, ignored
+        for _ in range(steps):
+            nxt = logits[:, -1].argmax(-1)
+            for row in sorted(running):
+                job, token = batch[row], int(nxt[row])
+                if token == self.eos_token_id:
+                    running.discard(row)
+                    continue
+                job["generated"].append(token)
+                text = self.tok_decode(job["generated"])
+                if len(job["generated"]) >= job["max_new"] or any(s in text for s in job["until"]):
+                    running.discard(row)
+            if not running:
+                break
+            last = last + 1
+            ones = torch.ones((len(batch), 1), dtype=torch.bool, device=self._device)
+            logits = self.model(nxt[:, None], cache, last[:, None], ones)
+            self.tokens_forwarded += len(running)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -389,6 +423,76 @@ def summarize(results: dict) -> dict[str, dict[str, float | None]]:
     return metrics
 
 
+MC_CONTEXT_WORDS = 32
+MC_CHOICE_WORDS = 8
+
+
+def write_heldout_mc(docs_path: Path, dest: Path) -> int:
+    """heldout_mc's questions from the held-out JSONL: a document's opening words, its true next 8 words and the
+    8 words at the same place in three other documents; returns how many questions."""
+    import hashlib
+
+    docs = []
+    with open(docs_path, encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            words = doc["text"].split()
+            if len(words) >= 8 + MC_CHOICE_WORDS:
+                cut = min(MC_CONTEXT_WORDS, len(words) - MC_CHOICE_WORDS)
+                docs.append((doc["id"], " ".join(words[:cut]), " ".join(words[cut : cut + MC_CHOICE_WORDS])))
+    n = 0
+    with open(dest, "w", encoding="utf-8") as out:
+        if len(docs) < 4:
+            return 0
+        for i, (doc_id, context, answer) in enumerate(docs):
+            others = [docs[(i + k) % len(docs)][2] for k in (1, 2, 3)]
+            label = int(hashlib.sha256(str(doc_id).encode()).hexdigest(), 16) % 4
+            choices = others[:label] + [answer] + others[label:]
+            if len(set(choices)) < 4:  # a repeated passage would make two answers right
+                continue
+            out.write(json.dumps({"id": doc_id, "context": context, "choices": choices, "label": label}) + "\n")
+            n += 1
+    return n
+
+
+def prepare_tasks(cfg: PipelineConfig, val_uri: str, tmp: Path) -> tuple[Path, Path, int]:
+    """The task folder, rendered for this run under `tmp`: (include path, local held-out JSONL, documents)."""
+    docs_path = tmp / "heldout_docs.jsonl"
+    n_docs = write_heldout(val_uri, docs_path, cfg.evaluate.max_docs, cfg.storage)
+    if n_docs == 0:
+        raise ValueError(f"{val_uri}: no non-empty documents")
+    write_heldout_mc(docs_path, tmp / "heldout_mc.jsonl")
+    include = render_tasks(
+        tmp / "tasks",
+        {
+            "HELDOUT_DOCS": str(docs_path),
+            "HELDOUT_MC": str(tmp / "heldout_mc.jsonl"),
+            "DATASETS_CACHE": str(tmp / "datasets_cache"),
+        },
+    )
+    return include, docs_path, n_docs
+
+
+def available_tasks(include: Path, tasks: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """The requested tasks that can run here, and for the others why not: lm-eval's standard suites need their
+    datasets in the local Hugging Face cache (or a network), and a missing one is skipped, not fatal."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = _task_manager(include, tasks)
+    runnable, skipped = [], {}
+    unknown = [name for name in tasks if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"evaluate.tasks: {unknown}: no such task here or in lm-eval")
+    for name in tasks:
+        try:
+            get_task_dict([name], manager)  # loads the dataset: offline, from the cache or not at all
+        except Exception as exc:  # noqa: BLE001 - lm-eval and datasets raise many kinds; all mean "not here"
+            skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            continue
+        runnable.append(name)
+    return runnable, skipped
+
+
 def _task_manager(include: Path, tasks: Iterable[str]):
     from lm_eval.tasks import TaskManager
 
@@ -398,16 +502,76 @@ def _task_manager(include: Path, tasks: Iterable[str]):
     return TaskManager(include_path=str(include), include_defaults=True)
 
 
-def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | torch.device | None = None) -> dict:
-    """Evaluate the latest complete checkpoint; skip when its eval/ output is current."""
+HISTORY = "eval_history.json"  # {step: {task: {metric: value}}} of every evaluated checkpoint of a run
+
+
+def run_root(ckpt: str) -> str:
+    """The storage root a checkpoint belongs to (`{root}/checkpoints/step-N`)."""
+    head, sep, _ = ckpt.rstrip("/").rpartition("/checkpoints/")
+    if not sep:
+        raise ValueError(f"{ckpt}: not a checkpoint folder of the form ROOT/checkpoints/step-N")
+    return head
+
+
+def pick_checkpoint(cfg: PipelineConfig, checkpoint: str | None) -> tuple[int, str, dict]:
+    storage = cfg.storage
+    if checkpoint is None:
+        latest = latest_checkpoint(cfg.storage.root, storage)
+        if latest is None:
+            where = join(cfg.storage.root, "checkpoints")
+            raise FileNotFoundError(f"no complete checkpoint (a step-*/ folder with meta.json) under {where}")
+        return latest
+    meta_uri = join(checkpoint.rstrip("/"), "meta.json")
+    if not exists(meta_uri, storage):
+        raise FileNotFoundError(f"{checkpoint}: no meta.json, not a complete checkpoint")
+    meta = read_json(meta_uri, storage)
+    return int(meta["step"]), checkpoint.rstrip("/"), meta
+
+
+def compare(metrics: dict, previous: dict | None) -> list[dict]:
+    """One row per task and metric: its value, the previously evaluated checkpoint's, and the change."""
+    rows = []
+    before_all = (previous or {}).get("metrics", {})
+    for task, values in sorted(metrics.items()):
+        for name, value in sorted(values.items()):
+            before = before_all.get(task, {}).get(name)
+            change = value - before if value is not None and before is not None else None
+            rows.append(
+                {
+                    "task": task,
+                    "metric": name,
+                    "value": value,
+                    "previous": before,
+                    "previous_step": (previous or {}).get("step") if before is not None else None,
+                    "change": change,
+                }
+            )
+    return rows
+
+
+def record_history(root: str, step: int, metrics: dict, storage: StorageConfig | None) -> dict | None:
+    """Add this evaluation to the run's history; returns the latest earlier one ({step, metrics}) or None.
+    Kept beside, not inside, the checkpoints, which keep_last may delete."""
+    uri = join(root, "checkpoints", HISTORY)
+    history = read_json(uri, storage) if exists(uri, storage) else {}
+    earlier = sorted((int(k) for k in history if int(k) < step), reverse=True)
+    history[str(step)] = metrics
+    write_json(uri, history, storage)
+    return {"step": earlier[0], "metrics": history[str(earlier[0])]} if earlier else None
+
+
+def run(
+    cfg: PipelineConfig,
+    log: Callable[[str], None] = print,
+    device: str | torch.device | None = None,
+    checkpoint: str | None = None,
+) -> dict:
+    """Evaluate `checkpoint` (default: the latest complete one under storage.root); skip when its eval/ output is
+    current. The held-out documents are those of the run the checkpoint belongs to."""
     started = time.time()
-    root, storage = cfg.storage.root, cfg.storage
-    latest = latest_checkpoint(root, storage)
-    if latest is None:
-        raise FileNotFoundError(
-            f"no complete checkpoint (a step-*/ folder with meta.json) under {join(root, 'checkpoints')}"
-        )
-    step, ckpt, meta = latest
+    storage = cfg.storage
+    step, ckpt, meta = pick_checkpoint(cfg, checkpoint)
+    root = run_root(ckpt) if checkpoint else cfg.storage.root
     val_uri = join(root, "tokens", "val_docs.jsonl")
     if not exists(val_uri, storage):
         raise FileNotFoundError(f"{val_uri}: held-out documents not found (run the tokenize stage)")
@@ -451,22 +615,17 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | t
     import lm_eval
 
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
-        docs_path = Path(tmp) / "heldout_docs.jsonl"
-        n_docs = write_heldout(val_uri, docs_path, cfg.evaluate.max_docs, storage)
-        if n_docs == 0:
-            raise ValueError(f"{val_uri}: no non-empty documents")
-        include = render_tasks(
-            Path(tmp) / "tasks",
-            {
-                "HELDOUT_DOCS": str(docs_path),
-                "DATASETS_CACHE": str(Path(tmp) / "datasets_cache"),
-            },
-        )
-        log(f"evaluate: {n_docs} held-out docs, tasks {cfg.evaluate.tasks}")
+        include, docs_path, n_docs = prepare_tasks(cfg, val_uri, Path(tmp))
+        tasks, skipped = available_tasks(include, cfg.evaluate.tasks)
+        for name, reason in skipped.items():
+            log(f"evaluate: {name} skipped: {reason}")
+        if not tasks:
+            raise ValueError(f"evaluate.tasks {cfg.evaluate.tasks}: none can run here ({skipped})")
+        log(f"evaluate: {n_docs} held-out docs, tasks {tasks}")
         results = lm_eval.simple_evaluate(
             model=lm,
-            tasks=list(cfg.evaluate.tasks),
-            task_manager=_task_manager(include, cfg.evaluate.tasks),
+            tasks=tasks,
+            task_manager=_task_manager(include, tasks),
             batch_size=cfg.evaluate.batch_size,
             device=str(dev),
             log_samples=False,
@@ -483,6 +642,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | t
         .replace(json.dumps(tmp)[1:-1], "<tmp>")
     )
     results["heldout"] = {"uri": val_uri, "docs": n_docs, "max_docs": cfg.evaluate.max_docs}
+    results["tasks_skipped"] = skipped
     write_json(out.path("results.json"), results, storage)
 
     metrics = summarize(results)
@@ -491,6 +651,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | t
         "checkpoint": ckpt,
         "step": step,
         "metrics": metrics,
+        "tasks_skipped": skipped,
+        "truncated_continuations": lm.truncated,
         "docs": n_docs,
         "tokens": lm.tokens_forwarded,
         "device": str(dev),
@@ -498,6 +660,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, device: str | t
         # model throughput: tokens through the model per second spent in the LM's request methods
         "tokens_per_s": round(lm.tokens_forwarded / lm.model_seconds, 1) if lm.model_seconds > 0 else None,
     }
+    stats["previous"] = record_history(root, step, metrics, storage)
     out.commit(identity, counts={"docs": n_docs, "tokens": lm.tokens_forwarded}, stats=stats, files=["results.json"])
     for task, values in metrics.items():
         log(

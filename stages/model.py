@@ -34,6 +34,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.type_as(x)
 
 
+class KVCache:
+    """Keys and values of every layer for a batch being generated, so each new token costs one position's work.
+
+    Rows are left-padded to a common length: `valid` marks real tokens (keys at pad slots are never attended to)
+    and each row's positions count its own tokens only, so a padded row computes what it would alone.
+    """
+
+    def __init__(self, model: "Transformer", batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        cfg = model.cfg
+        n_kv, head_dim = cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
+        shape = (cfg.n_layers, batch, n_kv, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled
+
+    def mask(self, new: int) -> torch.Tensor:
+        """(batch, 1, new, length + new): a query sees valid keys up to its own slot, and always itself (a pad
+        query would otherwise see nothing and give NaN)."""
+        end = self.length + new
+        slots = torch.arange(end, device=self.valid.device)
+        queries = self.length + torch.arange(new, device=self.valid.device)
+        causal = slots[None, :] <= queries[:, None]
+        return (self.valid[:, None, None, :end] & causal) | (slots[None, :] == queries[:, None])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -45,13 +71,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            start, end = cache.length, cache.length + seq
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask(seq), enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -75,8 +111,10 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -113,14 +151,29 @@ class Transformer(nn.Module):
             self._rope_cache[key] = rope_tables(seq_len, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, device)
         return self._rope_cache[key]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for `tokens` (batch, seq). With a `cache` (generation), the tokens extend it: `positions`
+        (batch, seq) are each row's own positions and `valid` (batch, seq) is False at left padding."""
         x = self.tok_embeddings(tokens)
-        cos, sin = self._rope(tokens.shape[1], tokens.device)
-        for layer in self.layers:
+        if cache is None:
+            cos, sin = self._rope(tokens.shape[1], tokens.device)
+        else:
+            table_cos, table_sin = self._rope(cache.k.shape[3], tokens.device)
+            cos, sin = table_cos[positions][:, None], table_sin[positions][:, None]  # (batch, 1, seq, head_dim/2)
+            cache.valid[:, cache.length : cache.length + tokens.shape[1]] = valid
+        for i, layer in enumerate(self.layers):
             if self.checkpoint_activations and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         return self.output(self.norm(x)).float()
 
     def num_params(self) -> int:

@@ -46,10 +46,10 @@ def api(base: str, path: str, body: dict | None = None):
         return json.loads(response.read())
 
 
-def run_deployment(stack, params: dict) -> str:
+def run_deployment(stack, params: dict, deployment: str = "pretrain/full") -> str:
     env = {**os.environ, "PREFECT_API_URL": stack["api"]}
     proc = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", "pretrain/full", "--watch", "--params", json.dumps(params)],
+        [str(BIN / "prefect"), "deployment", "run", deployment, "--watch", "--params", json.dumps(params)],
         env=env,
         capture_output=True,
         text=True,
@@ -97,7 +97,18 @@ def test_pretrain_full_local(stack, tmp_path):
     metrics = [json.loads(line) for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
     assert (root / "checkpoints" / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
-    (results,) = root.glob("checkpoints/step-*/eval/results.json")
+    eval_rows = json.loads(artifacts(stack, flow_run)["eval-metrics"]["data"])
+    assert {(r["task"], r["metric"]) for r in eval_rows} >= {("heldout_ppl", "bits_per_byte"), ("heldout_mc", "acc")}
+
+    # Any checkpoint, evaluated from the `evaluate/checkpoint` deployment with a suite of its own.
+    (first,) = sorted(root.glob("checkpoints/step-000030"))
+    params = {"checkpoint": str(first), "suite": ["heldout_ppl"], "overrides": {"storage.root": str(root)}}
+    eval_run = run_deployment(stack, params, deployment="evaluate/checkpoint")
+    assert task_states(stack, eval_run) == {"evaluate": "COMPLETED"}
+    assert (first / "eval" / "results.json").is_file()
+    rows = json.loads(artifacts(stack, eval_run)["eval-metrics"]["data"])
+    assert {r["metric"] for r in rows} >= {"bits_per_byte"} and all(r["task"] == "heldout_ppl" for r in rows)
+    results = root / "checkpoints" / "step-000060" / "eval" / "results.json"
     bpb = json.loads(results.read_text())["results"]["heldout_ppl"]["bits_per_byte,none"]
     assert 0 < bpb < 8
 

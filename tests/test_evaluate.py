@@ -7,6 +7,7 @@ import importlib
 import inspect
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -313,6 +314,66 @@ def test_generate_until_is_greedy_and_stops(lm):
     stop = first[1:]
     cut = lm.generate_until([Instance("generate_until", {}, (prompts[0], {"until": [stop], "max_gen_toks": 6}), 0)])
     assert cut == [first.split(stop, 1)[0]]
+
+
+def test_generation_with_kv_cache_matches_full_recompute(lm):
+    """Prompts of different lengths in one left-padded batch, decoded with the KV cache, give exactly what
+    re-running the whole sequence for every new token gives."""
+    prompts = ["Return", "The quick brown fox jumps over", "Create a new dictionary with keys from an iterable and"]
+    reqs = [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 12}), i) for i, p in enumerate(prompts)]
+    outs = lm.generate_until(reqs)
+    for prompt, out in zip(prompts, outs):
+        tokens = lm.tok_encode(prompt)
+        generated = []
+        for _ in range(12):
+            with torch.no_grad():
+                nxt = int(lm.model(torch.tensor([tokens]))[0, -1].argmax())
+            if nxt == lm.eos_token_id:
+                break
+            tokens.append(nxt)
+            generated.append(nxt)
+        assert out == lm.tok_decode(generated).split(EOS)[0]
+
+
+def test_heldout_mc_and_a_missing_standard_suite(setup, tmp_path):
+    """The local multiple-choice task runs offline; hellaswag, whose dataset is not in the HF cache here, is
+    skipped with the reason; an unknown task name is an error."""
+    cfg, root, _ = setup
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("eval"))
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.storage.root = str(copy)
+    run_cfg.evaluate.tasks = ["heldout_ppl", "heldout_mc", "hellaswag"]
+    stats = evaluate.run(run_cfg, log=lambda _: None)
+    assert set(stats["metrics"]) == {"heldout_ppl", "heldout_mc"}
+    assert 0.0 <= stats["metrics"]["heldout_mc"]["acc"] <= 1.0
+    assert "hellaswag" in stats["tasks_skipped"] and stats["tasks_skipped"]["hellaswag"]
+    results = json.loads((copy / "checkpoints" / "step-000005" / "eval" / "results.json").read_text())
+    assert results["tasks_skipped"] == stats["tasks_skipped"]
+    assert results["n-samples"]["heldout_mc"]["effective"] == 10  # one per held-out doc of 16+ words here
+
+    run_cfg.evaluate.tasks = ["heldout_ppl", "hellaswagg"]
+    with pytest.raises(ValueError, match="hellaswagg"):
+        evaluate.run(run_cfg, log=lambda _: None)
+
+
+def test_mc_questions_are_deterministic_and_well_formed(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    words = [f"w{i}" for i in range(60)]
+    with open(docs, "w") as f:
+        for d in range(6):
+            f.write(json.dumps({"id": f"d{d}", "text": " ".join(f"{w}{d}" for w in words)}) + "\n")
+        f.write(json.dumps({"id": "short", "text": "too short to ask about"}) + "\n")
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert evaluate.write_heldout_mc(docs, first) == 6
+    evaluate.write_heldout_mc(docs, second)
+    assert first.read_text() == second.read_text()
+    for line in first.read_text().splitlines():
+        q = json.loads(line)
+        assert len(q["choices"]) == 4 and len(set(q["choices"])) == 4
+        d = q["id"][1:]
+        cut = evaluate.MC_CONTEXT_WORDS
+        assert q["context"].split()[-1] == f"w{cut - 1}{d}" and q["choices"][q["label"]].split()[0] == f"w{cut}{d}"
 
 
 def test_run_on_s3(setup, s3_endpoint):

@@ -1,0 +1,34 @@
+"""The `evaluate` flow: evaluate any checkpoint, from the UI or `prefect deployment run evaluate/checkpoint`.
+
+Parameters: the checkpoint's URI (a `.../checkpoints/step-N` folder with its meta.json, local or s3://), the
+suite (task names; default: the preset's `evaluate.tasks`), and the preset and overrides for everything else
+(storage credentials, batch size, ...). The held-out documents are those of the run the checkpoint belongs to;
+results land in the checkpoint's `eval/` folder with the same artifacts as the evaluate stage of `pretrain`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.pretrain import evaluate_task
+from stages.config import REPO_ROOT, load_config
+
+
+@flow(name="evaluate")
+def evaluate_checkpoint(
+    checkpoint: str,
+    suite: list[str] | None = None,
+    preset: str = "tiny",
+    overrides: dict[str, Any] | None = None,
+) -> dict:
+    settings = dict(overrides or {})
+    if suite:
+        settings["evaluate.tasks"] = list(suite)
+    cfg = load_config(preset, settings)
+    if "://" not in checkpoint and not Path(checkpoint).is_absolute():
+        checkpoint = str(REPO_ROOT / checkpoint)  # relative to the repository, as config paths are
+    get_run_logger().info("evaluating %s with %s", checkpoint, cfg.evaluate.tasks)
+    return evaluate_task(cfg, checkpoint)
