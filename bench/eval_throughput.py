@@ -3,7 +3,8 @@
     .venv/bin/python bench/eval_throughput.py [--docs 200] [--repeats 3] [--write]
 
 The tiny preset's pipeline on the bundled sample (outputs/bench-train, reused when its manifests match) gives a
-trained checkpoint; stages/export.py turns it into a LlamaForCausalLM directory. Then, alternating in one run,
+trained checkpoint; stages/export.py turns it into a LlamaForCausalLM directory. The documents scored are all
+the deduplicated ones (up to --docs; the sample's validation split alone is a handful). Then, alternating in one run,
 `lm_eval.simple_evaluate` on the same rendered tasks (heldout_ppl: loglikelihood_rolling; heldout_mc:
 loglikelihood) with the same batch size, once with `PipelineLM` and once with lm-eval's `HFLM` over the export,
 both in fp32 on the CPU, both models built before the clock starts. Tokens are those the in-process LM put
@@ -13,6 +14,7 @@ through the model (the same tokenizer and windows on both sides); the best of th
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -24,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from bench.stage_times import machine, write_section  # noqa: E402
 from stages import checkpoints, dedup, evaluate, export, filter, ingest, launch, tokenize, tokenizer  # noqa: E402
 from stages.config import load_config  # noqa: E402
+from stages.documents import read_docs  # noqa: E402
 
 SECTION = "## Evaluation throughput against lm-eval's hf backend"
 TASKS = ["heldout_ppl", "heldout_mc"]
@@ -55,7 +58,13 @@ def measure(docs: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         tmp = Path(tmp)
         export.export(ckpt, tmp / "hf")
-        include, _, n_docs = evaluate.prepare_tasks(cfg, str(Path(cfg.storage.root) / "tokens" / "val_docs.jsonl"), tmp)
+        # The sample's validation split is a handful of documents: score every deduplicated document instead.
+        docs_uri = tmp / "docs.jsonl"
+        with open(docs_uri, "w") as f:
+            for shard in sorted(Path(dedup.output(cfg).uri).glob("part-*.parquet")):
+                for doc in read_docs(str(shard)):
+                    f.write(json.dumps({"id": doc.id, "text": doc.text}) + "\n")
+        include, _, n_docs = evaluate.prepare_tasks(cfg, str(docs_uri), tmp)
         batch = cfg.evaluate.batch_size
         ours = evaluate.PipelineLM(
             evaluate.load_model(ckpt, meta),
@@ -63,7 +72,9 @@ def measure(docs: int, repeats: int) -> dict:
             max_length=cfg.train.seq_len,
             batch_size=batch,
         )
-        theirs = HFLM(pretrained=str(tmp / "hf"), dtype="float32", max_length=cfg.train.seq_len, batch_size=batch)
+        theirs = HFLM(
+            pretrained=str(tmp / "hf"), dtype="float32", max_length=cfg.train.seq_len, batch_size=batch, device="cpu"
+        )
         best = {"in-process": float("inf"), "hf": float("inf")}
         metrics = {}
         tokens = 0

@@ -330,6 +330,9 @@ class EvaluateConfig(Strict):
     # piqa, lambada_openai, winogrande, ...): one whose dataset is not in the local Hugging Face cache is skipped
     # with the reason in the results, never fatal.
     tasks: list[str] = ["heldout_ppl", "heldout_mc"]
+    # Also evaluate every kept checkpoint at a multiple of this many steps (oldest first, each compared with the
+    # one before); None: only the latest. Checkpoints deleted by train.keep_last are not evaluated.
+    every_steps: int | None = Field(None, gt=0)
     max_docs: int | None = Field(200, gt=0)  # held-out documents scored; None: all
     batch_size: int = Field(8, gt=0)
     # Training documents sharing a 13-gram with these texts (JSONL `text` fields or text files) are dropped by

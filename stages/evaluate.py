@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from lm_eval import utils as lm_utils  # noqa: E402
 from lm_eval.api.model import LM  # noqa: E402
 
-from stages.checkpoints import dcp_reader, latest_checkpoint  # noqa: E402
+from stages.checkpoints import complete_checkpoints, dcp_reader, latest_checkpoint  # noqa: E402
 from stages.config import ModelConfig, PipelineConfig, StorageConfig  # noqa: E402
 from stages.model import KVCache, Transformer  # noqa: E402
 from stages.storage import (  # noqa: E402
@@ -513,6 +513,10 @@ def run_root(ckpt: str) -> str:
     return head
 
 
+def checkpoint_step(ckpt: str) -> int:
+    return int(ckpt.rstrip("/").rsplit("step-", 1)[1])
+
+
 def pick_checkpoint(cfg: PipelineConfig, checkpoint: str | None) -> tuple[int, str, dict]:
     storage = cfg.storage
     if checkpoint is None:
@@ -566,11 +570,19 @@ def run(
     device: str | torch.device | None = None,
     checkpoint: str | None = None,
 ) -> dict:
-    """Evaluate `checkpoint` (default: the latest complete one under storage.root); skip when its eval/ output is
-    current. The held-out documents are those of the run the checkpoint belongs to."""
+    """Evaluate `checkpoint` (default: the latest complete one under storage.root, and with evaluate.every_steps
+    first the kept checkpoints at multiples of it); skip when a checkpoint's eval/ output is current. The
+    held-out documents are those of the run the checkpoint belongs to."""
     started = time.time()
     storage = cfg.storage
     step, ckpt, meta = pick_checkpoint(cfg, checkpoint)
+    every = cfg.evaluate.every_steps
+    if checkpoint is None and every:
+        earlier = [uri for s, uri in complete_checkpoints(cfg.storage.root, storage) if s % every == 0 and s < step]
+        for uri in earlier:
+            run(cfg, log, device, checkpoint=uri)
+        stats = run(cfg, log, device, checkpoint=ckpt)
+        return {**stats, "evaluated_steps": [int(checkpoint_step(u)) for u in earlier] + [step]}
     root = run_root(ckpt) if checkpoint else cfg.storage.root
     val_uri = join(root, "tokens", "val_docs.jsonl")
     if not exists(val_uri, storage):

@@ -357,6 +357,27 @@ def test_heldout_mc_and_a_missing_standard_suite(setup, tmp_path):
         evaluate.run(run_cfg, log=lambda _: None)
 
 
+def test_every_steps_evaluates_older_checkpoints_and_compares(setup, tmp_path):
+    """evaluate.every_steps: the kept checkpoints at its multiples first (oldest first), then the latest; each
+    metric's change is against the evaluation of the checkpoint before."""
+    cfg, root, _ = setup
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("eval"))
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.storage.root = str(copy)
+    run_cfg.evaluate.every_steps = 1
+    stats = evaluate.run(run_cfg, log=lambda _: None)
+    assert stats["step"] == 5 and stats["evaluated_steps"] == [1, 5]  # step 9 has no meta.json: incomplete
+    history = json.loads((copy / "checkpoints" / evaluate.HISTORY).read_text())
+    assert sorted(history) == ["1", "5"]
+    assert stats["previous"] == {"step": 1, "metrics": history["1"]}
+    rows = {(r["task"], r["metric"]): r for r in evaluate.compare(stats["metrics"], stats["previous"])}
+    bpb = rows[("heldout_ppl", "bits_per_byte")]
+    assert bpb["previous_step"] == 1 and bpb["value"] == history["5"]["heldout_ppl"]["bits_per_byte"]
+    assert bpb["change"] == pytest.approx(bpb["value"] - history["1"]["heldout_ppl"]["bits_per_byte"])
+    assert (copy / "checkpoints" / "step-000001" / "eval" / "results.json").is_file()
+
+
 def test_mc_questions_are_deterministic_and_well_formed(tmp_path):
     docs = tmp_path / "docs.jsonl"
     words = [f"w{i}" for i in range(60)]
