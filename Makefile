@@ -6,12 +6,12 @@ STACK := $(PY) infra/stack.py
 .PHONY: install demo stack stack-s3 down status test redis
 
 # torch is pinned in the same pip command as everything that depends on it, so pip takes the CPU wheel
-# on disk instead of resolving a multi-GB CUDA build.
+# on disk instead of resolving a multi-GB CUDA build. litdata depends on torchvision but never imports it;
+# PyPI's wheel does not load beside the CPU torch 2.13 build ("operator torchvision::nms does not exist") and
+# transformers' Llama import then fails, so it is removed again.
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	$(PIP) install -q torch==2.13.0 -e '.[dev]'
-	# litdata depends on torchvision but never imports it; PyPI's wheel does not load beside the CPU torch
-	# 2.13 build ("operator torchvision::nms does not exist") and transformers' Llama import then fails.
 	$(PIP) uninstall -y -q torchvision
 	$(PY) infra/fetch_models.py
 	touch $@
