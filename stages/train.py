@@ -559,6 +559,24 @@ def train(cfg: PipelineConfig) -> dict:
 
     first_loss = final_loss = val_loss = None
     parent = os.getppid()
+
+    def run_summary(ckpt: str | None) -> dict:  # the run so far (reads the loop's variables when called)
+        return _summary(
+            step,
+            first_loss,
+            final_loss,
+            val_loss,
+            tokens_seen,
+            (step - start_step) * tokens_per_step,
+            train_seconds,
+            ckpt,
+            n_params,
+            start_step,
+            flops_per_token,
+            peak and peak * world,
+            peak_memory_mb(device),
+        )
+
     started = time.time()
     train_seconds = 0.0
     model.train()
@@ -633,21 +651,7 @@ def train(cfg: PipelineConfig) -> dict:
                     "max_steps": max_steps,
                 }
                 if step == max_steps:
-                    meta["summary"] = _summary(
-                        step,
-                        first_loss,
-                        final_loss,
-                        val_loss,
-                        tokens_seen,
-                        (step - start_step) * tokens_per_step,
-                        train_seconds,
-                        checkpoint_uri(cfg, step),
-                        n_params,
-                        start_step,
-                        flops_per_token,
-                        peak and peak * world,
-                        peak_memory_mb(device),
-                    )
+                    meta["summary"] = run_summary(checkpoint_uri(cfg, step))
                 checkpointer.save(
                     step, model, optimizer, scheduler, batches, guard, {"step": step, "tokens_seen": tokens_seen}, meta
                 )
@@ -663,21 +667,7 @@ def train(cfg: PipelineConfig) -> dict:
 
     if start_step >= max_steps:  # nothing left to do: report what the checkpoint holds
         val_loss = evaluate(model, val_batches, device)
-    summary = _summary(
-        step,
-        first_loss,
-        final_loss,
-        val_loss,
-        tokens_seen,
-        (step - start_step) * tokens_per_step,
-        train_seconds,
-        checkpointer.last_complete,
-        n_params,
-        start_step,
-        flops_per_token,
-        peak and peak * world,
-        peak_memory_mb(device),
-    )
+    summary = run_summary(checkpointer.last_complete)
     if rank == 0:
         emit(SUMMARY_PREFIX, summary)
     dist.barrier()
