@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -121,8 +122,6 @@ def export(ckpt: str, dest: str | Path, storage_cfg: StorageConfig | None = None
     info = {"checkpoint": ckpt, "step": meta.get("step"), "params": model.num_params(), "dest": str(dest)}
     (tmp / "pipeline_export.json").write_text(json.dumps(info, indent=2))
     if dest.exists():
-        import shutil
-
         shutil.rmtree(dest)
     tmp.rename(dest)  # the directory appears whole or not at all
     return info

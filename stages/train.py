@@ -70,7 +70,7 @@ from stages.checkpoints import (
     dcp_writer,
 )
 from stages.config import PipelineConfig
-from stages.launch import METRIC_PREFIX, SUMMARY_PREFIX, run_digest, tokens_manifest_digest
+from stages.launch import METRIC_PREFIX, SUMMARY_PREFIX, run_digest, tokenizer_vocab_size, tokens_manifest_digest
 from stages.model import Transformer
 
 
@@ -486,12 +486,7 @@ def emit(prefix: str, record: dict) -> None:
 
 
 def load_tokenizer_vocab(cfg: PipelineConfig) -> tuple[int, str]:
-    from tokenizers import Tokenizer
-
-    uri = storage.join(cfg.storage.root, "tokenizer", "tokenizer.json")
-    with storage.open_uri(uri, "rb", cfg.storage) as f:
-        tok = Tokenizer.from_str(f.read().decode("utf-8"))
-    return tok.get_vocab_size(), uri
+    return tokenizer_vocab_size(cfg), storage.join(cfg.storage.root, "tokenizer", "tokenizer.json")
 
 
 def peak_memory_mb(device: torch.device) -> float:
