@@ -3,8 +3,10 @@
     torchrun --standalone --nproc_per_node N bench/nanogpt_loop.py CONFIG_JSON STEPS SKIP RESULT_JSON
 
 Deliberately plain, as in nanoGPT's train.py: all training tokens in one array, batches cut at random offsets,
-AdamW with the trainer's settings, warmup + cosine, gradient clipping, DistributedDataParallel when WORLD_SIZE > 1,
-loss.item() every step. Rank 0 writes the steady-state tokens/s (steps after SKIP) to RESULT_JSON.
+AdamW with the trainer's settings, warmup + cosine, gradient clipping, loss.item() every step. With WORLD_SIZE > 1
+the config's train.data_parallel picks DistributedDataParallel (nanoGPT's choice) or FSDP2 (fully_shard per block
+and at the root with the config's reshard_after_forward, the trainer's layout). Rank 0 writes the steady-state
+tokens/s (of the median step after SKIP) to RESULT_JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from stages import loader as loader_lib
@@ -51,8 +55,12 @@ def main() -> None:
     model.init_weights(t.seed)
     model.to(device)
     raw = model
-    if ddp:
+    if ddp and t.data_parallel == "ddp":
         model = DistributedDataParallel(model)
+    elif ddp:
+        for block in model.layers:
+            fully_shard(block, reshard_after_forward=t.reshard_after_forward)
+        fully_shard(model, reshard_after_forward=t.reshard_after_forward)
     decay = [p for p in raw.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -75,7 +83,7 @@ def main() -> None:
         progress = min(1.0, (step - t.warmup_steps) / max(1, steps - t.warmup_steps))
         return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
-    timed_seconds, timed_steps = 0.0, 0
+    step_seconds: list[float] = []
     for step in range(1, steps + 1):
         tick = time.perf_counter()
         for group in optimizer.param_groups:
@@ -89,13 +97,13 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.item()
         if step > skip:
-            timed_seconds += time.perf_counter() - tick
-            timed_steps += 1
+            step_seconds.append(time.perf_counter() - tick)
     world = dist.get_world_size() if ddp else 1
     if rank == 0:
-        tokens = timed_steps * t.micro_batch_size * t.seq_len * world
+        # the median step: robust to the odd step another process on the machine slows down
+        tokens_per_step = t.micro_batch_size * t.seq_len * world
         with open(result, "w") as f:
-            json.dump({"tokens_per_s": tokens / timed_seconds}, f)
+            json.dump({"tokens_per_s": tokens_per_step / statistics.median(step_seconds)}, f)
     if ddp:
         dist.destroy_process_group()
 

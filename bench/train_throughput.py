@@ -4,13 +4,15 @@
 
 Data: the tiny preset's pipeline (ingest .. tokenize on the bundled sample) under outputs/bench-train, reused
 when its manifests match. Then, alternating within one run so the machine's noise hits both alike:
-- the trainer (`stages.launch.run_training`: torchrun, FSDP2, litdata's StreamingDataLoader, the divergence guard,
-  per-step all-reduced loss and metrics) on 1 process and on 2;
+- the trainer (`stages.launch.run_training`: torchrun, litdata's StreamingDataLoader, the divergence guard,
+  per-step all-reduced loss and metrics) on 1 process and on 2 with each `train.data_parallel` (fsdp, ddp);
 - the baseline: nanoGPT's loop around the same `stages.model.Transformer` (same dims, init, AdamW, schedule and
   clipping), batches cut at random offsets from one in-memory token array as nanoGPT's get_batch does, and for 2
-  processes DistributedDataParallel under torchrun (nanoGPT's choice).
+  processes under torchrun the same parallelism as the trainer beside it: FSDP2 laid out as the trainer does it,
+  or DistributedDataParallel (nanoGPT's choice).
 Both sides time a step from before fetching its batch to after the optimizer step, skip the first `--skip` steps
-(allocator and cache warm-up) and report tokens over the remaining steps' total time; the best of `--repeats`.
+(allocator and cache warm-up) and report the tokens of a step over the median step time of the rest (robust to the
+odd step another process slows down); the best of `--repeats`.
 Checkpoints and validation fall outside the timed steps on both sides (the trainer saves only at the end here).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,7 @@ from stages import dedup, filter, ingest, launch, tokenize, tokenizer  # noqa: E
 from stages.config import PipelineConfig, load_config  # noqa: E402
 
 SECTION = "## Trainer throughput against a plain PyTorch loop"
+LAYOUTS = ("1", "fsdp", "ddp")  # one process; two with each train.data_parallel
 
 
 def prepare(preset: str, root: Path) -> PipelineConfig:
@@ -42,14 +46,12 @@ def prepare(preset: str, root: Path) -> PipelineConfig:
     return cfg
 
 
-def steady_tokens_per_s(records: list[dict], tokens_per_step: int, skip: int) -> float:
-    timed = [r for r in records if r["step"] > skip]
-    seconds = sum(tokens_per_step / r["tokens_per_s"] for r in timed)
-    return tokens_per_step * len(timed) / seconds
+def steady_tokens_per_s(records: list[dict], skip: int) -> float:
+    return statistics.median(r["tokens_per_s"] for r in records if r["step"] > skip)
 
 
 def run_trainer(cfg: PipelineConfig, nproc: int, steps: int, skip: int) -> float:
-    # 1 process: a plain module (nothing to shard); 2: FSDP2 with the preset's reshard_after_forward
+    # 1 process: a plain module (nothing to shard); 2: the config's data_parallel
     with tempfile.TemporaryDirectory(prefix="bench-train-") as run_root:
         # The tokens and tokenizer are shared read-only; checkpoints go to a fresh root each time.
         for name in ("tokens", "tokenizer"):
@@ -61,7 +63,7 @@ def run_trainer(cfg: PipelineConfig, nproc: int, steps: int, skip: int) -> float
         t.global_batch_size = None  # one micro-batch per rank per step, as the baseline
         records: list[dict] = []
         launch.run_training(run_cfg, on_line=lambda _: None, on_metric=records.append)
-    return steady_tokens_per_s(records, t.micro_batch_size * nproc * t.seq_len, skip)
+    return steady_tokens_per_s(records, skip)
 
 
 def run_baseline(cfg: PipelineConfig, nproc: int, steps: int, skip: int) -> float:
@@ -82,16 +84,21 @@ def measure(preset: str, steps: int, skip: int, repeats: int, micro_batches: lis
     from stages.scaling import count_params, flops_per_token
 
     vocab = launch.tokenizer_vocab_size(cfg)
-    best: dict[tuple[str, int, int], float] = {}
+    best: dict[tuple[str, str, int], float] = {}
     for _ in range(repeats):
         for micro in micro_batches:
-            sized = cfg.model_copy(deep=True)
-            sized.train.micro_batch_size = micro
-            for nproc in (1, 2):
+            for layout in LAYOUTS:
+                sized = cfg.model_copy(deep=True)
+                sized.train.micro_batch_size = micro
+                nproc = 1 if layout == "1" else 2
+                if nproc == 2:
+                    # (this order: every assignment is validated, and ddp refuses reshard_after_forward: false)
+                    sized.train.reshard_after_forward = layout == "ddp" or cfg.train.reshard_after_forward
+                    sized.train.data_parallel = layout
                 for side, fn in (("trainer", run_trainer), ("baseline", run_baseline)):
                     value = fn(sized, nproc, steps, skip)
-                    best[(side, nproc, micro)] = max(best.get((side, nproc, micro), 0.0), value)
-                    print(f"{side} x{nproc} micro {micro}: {value:,.0f} tokens/s", flush=True)
+                    best[(side, layout, micro)] = max(best.get((side, layout, micro), 0.0), value)
+                    print(f"{side} {layout} micro {micro}: {value:,.0f} tokens/s", flush=True)
     return {
         "best": best,
         "params": count_params(cfg.model, vocab),
@@ -112,30 +119,36 @@ def table(r: dict, command: str, steps: int, skip: int) -> str:
         f"Model: the `{cfg.name}` preset's, dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads "
         f"({m.n_kv_heads or m.n_heads} KV), {r['params']:,} parameters, {r['flops_per_token']:,} training FLOPs per "
         f"token; sequences of {t.seq_len} tokens, micro-batch per process as in the table (the preset's is "
-        f"{t.micro_batch_size}); {steps} steps, the first {skip} untimed; best of the repeats. On CPU torchrun gives "
-        "each of 2 processes one thread, a single process uses both cores.",
+        f"{t.micro_batch_size}); {steps} steps, the first {skip} untimed; tokens per step over the median step "
+        "time, best of the repeats. On CPU torchrun gives each of 2 processes one thread, a single process uses "
+        "both cores.",
         "",
-        "| processes | sequences per process per step | trainer (tokens/s) | plain loop (tokens/s) | ratio "
-        "| trainer FLOP/s |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| processes | parallelism | sequences per process per step | trainer (tokens/s) | plain loop, same "
+        "parallelism (tokens/s) | ratio | trainer FLOP/s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for micro in r["micro_batches"]:
-        for nproc in (1, 2):
-            ours, base = best[("trainer", nproc, micro)], best[("baseline", nproc, micro)]
+        for layout in LAYOUTS:
+            ours, base = best[("trainer", layout, micro)], best[("baseline", layout, micro)]
+            procs, kind = ("1", "none") if layout == "1" else ("2", layout.upper())
             lines.append(
-                f"| {nproc} | {micro} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f}x | "
+                f"| {procs} | {kind} | {micro} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f}x | "
                 f"{ours * r['flops_per_token'] / 1e9:.2f} G |"
             )
+    cross = ", ".join(
+        f"{best[('trainer', 'fsdp', micro)] / best[('baseline', 'ddp', micro)]:.2f}x at {micro}"
+        for micro in r["micro_batches"]
+    )
     lines += [
         "",
         "One process: the trainer runs the model unwrapped (nothing to shard), reading through litdata's "
-        "StreamingDataLoader, with its per-step guard, metrics and all-reduced loss. Two processes: the plain loop "
-        "is DistributedDataParallel (one bucketed all-reduce per step), the trainer FSDP2 with the preset's "
-        "reshard_after_forward: false (an all-gather per block in forward, a reduce-scatter per block in backward, "
-        "plus the all-reduces of the gradient norm and the loss), all synchronous over gloo on a CPU. On the tiny "
-        "model at 8 sequences per process those collectives are a fixed cost that the little compute per step does "
-        "not hide; with more tokens per step it fades. Sharding is what lets the trainer go past one device's "
-        "memory, which DDP cannot.",
+        "StreamingDataLoader, with its per-step guard, metrics and all-reduced loss. Two processes, each side with "
+        f"the same parallelism: FSDP2 (the preset's reshard_after_forward: {cfg.train.reshard_after_forward}; an "
+        "all-gather per block in forward and a reduce-scatter per block in backward) or DDP (one bucketed "
+        "all-reduce overlapping backward). Across parallelisms, the FSDP trainer against the plain DDP loop: "
+        f"{cross}. Over gloo on a 2-core CPU FSDP's per-block collectives are a fixed cost that a tiny model's "
+        "step does not hide, which is why the trainer also offers `train.data_parallel: ddp` for models that fit "
+        "one device; sharding is what lets a model outgrow one, which DDP cannot.",
         "",
         "MFU = FLOPs per token x tokens/s / (peak FLOP/s per device x devices), FLOPs per token = 6 x (attention and "
         "feed-forward weights + output projection) + 12 x layers x seq_len x dim (PaLM's formula; `stages/scaling.py`"

@@ -279,7 +279,12 @@ class TrainConfig(Strict):
     # Stop with an error when the loss or gradient norm is not finite, or the gradient norm (before clipping)
     # exceeds this factor x the median of the last 20 steps after warmup; the last good checkpoint stays.
     grad_spike_factor: float | None = Field(10.0, gt=1.0)
-    # FSDP2: free each block's gathered parameters after its forward and gather them again for backward (ZeRO-3,
+    # How processes share the model: fsdp shards parameters, gradients and optimizer state (FSDP2 fully_shard per
+    # block and at the root; what lets a model outgrow one device); ddp replicates the model on every process and
+    # all-reduces gradients in buckets during backward (fewer, larger collectives: faster when the model and its
+    # AdamW state fit one device, as torchtitan's data_parallel_replicate). Checkpoints load across the two.
+    data_parallel: Literal["fsdp", "ddp"] = "fsdp"
+    # FSDP2 only: free each block's gathered parameters after its forward and gather them again for backward (ZeRO-3,
     # least memory); False keeps them until backward (ZeRO-2-like: one all-gather fewer per block and step, the
     # better trade when the model is small next to activations, as on CPU).
     reshard_after_forward: bool = True
@@ -311,6 +316,8 @@ class TrainConfig(Strict):
                 f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                 f"{self.micro_batch_size} x {self.world_size()} processes = {per_step}"
             )
+        if self.data_parallel == "ddp" and not self.reshard_after_forward:
+            raise ValueError("reshard_after_forward: false applies to data_parallel: fsdp only (ddp keeps all weights)")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
         return self

@@ -15,6 +15,7 @@ tokenize stage's shards, local or on any S3 endpoint.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import queue
@@ -153,7 +154,9 @@ class Batches:
         try:
             while True:
                 batch = self._full_batch()
-                self._queue.put((batch, self.loader.state_dict()))
+                # A copy: after a load_state_dict litdata hands out its one restored dict, updated in place by every
+                # later state_dict() call, so a reference would run ahead with the reading.
+                self._queue.put((batch, copy.deepcopy(self.loader.state_dict())))
         except BaseException as exc:  # handed to the training thread, which raises it
             self._queue.put(exc)
 

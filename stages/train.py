@@ -3,12 +3,13 @@
 One file, torchtitan's shape at nanoGPT's size:
 - process group: NCCL on CUDA, gloo on CPU (`train.device`: auto | cpu | cuda); a 1-D device mesh;
 - model: `stages.model.Transformer` built with a fixed seed on every rank, optionally compiled and with activation
-  checkpointing per block, then FSDP2 `fully_shard` on each block and on the root (bf16 parameters with fp32
-  gradient reduction on CUDA, fp32 on CPU);
+  checkpointing per block, then (`data_parallel: fsdp`) FSDP2 `fully_shard` on each block and on the root (bf16
+  parameters with fp32 gradient reduction on CUDA, fp32 on CPU) or (`ddp`) DistributedDataParallel, whose
+  bucketed all-reduce overlaps backward and beats per-block gathers when the model fits one device;
 - data: stages/loader.py, litdata's StreamingDataLoader over `{root}/tokens/train` in blocks of seq_len + 1
   tokens, split per rank by litdata, reshuffled every epoch; epochs repeat until the run's last step;
 - steps: `global_batch_size` sequences per optimizer step through gradient accumulation (FSDP2 reduces gradients
-  on the last micro-batch only); the run's length from max_steps, max_tokens or the Chinchilla multiplier
+  on the last micro-batch only, as does DDP); the run's length from max_steps, max_tokens or the Chinchilla multiplier
   (stages/scaling.py); AdamW (weight decay on matrices only), LambdaLR with linear warmup then cosine decay to
   `min_lr`, gradient clipping;
 - a guard: a loss or gradient norm that is not finite, or a gradient norm beyond `grad_spike_factor` x the recent
@@ -30,6 +31,7 @@ One file, torchtitan's shape at nanoGPT's size:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -57,6 +59,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from stages import loader as loader_lib
 from stages import scaling, storage
@@ -150,6 +153,9 @@ def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device, mesh
         # One process has nothing to shard: FSDP would only add its hooks and copies. bf16 autocast on CUDA
         # stands in for its mixed-precision policy (see lm_loss); DCP checkpoints load either way.
         return model
+    if t.data_parallel == "ddp":
+        # bf16 autocast on CUDA as for one process; gradients are reduced in fp32 buckets.
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -158,6 +164,15 @@ def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device, mesh
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
     return model
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Reduce gradients across ranks only when `sync` (the step's last micro-batch): accumulation stays local."""
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PipelineConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -588,10 +603,9 @@ def train(cfg: PipelineConfig) -> dict:
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 batch = batches.next()
-                if accum > 1 and world > 1:  # reduce-scatter gradients once per step, on the last micro-batch
-                    model.set_requires_gradient_sync(micro == accum - 1)
-                loss = lm_loss(model, batch, device) / accum
-                loss.backward()
+                with gradient_sync(model, micro == accum - 1):
+                    loss = lm_loss(model, batch, device) / accum
+                    loss.backward()
                 loss_sum += loss.detach()
             grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)).item()
             loss_value = mean_over_ranks(loss_sum.item(), device)

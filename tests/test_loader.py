@@ -70,6 +70,26 @@ def test_resume_mid_epoch_gives_exactly_the_next_samples(dataset, workers):
     assert seen + blocks(iter(resumed)) == reference
 
 
+def test_resume_of_a_resumed_run_through_batches(dataset):
+    """Batches (the trainer's read-ahead) saves each batch's own position, also after a resume, when litdata
+    updates one restored state dict in place: a second resume continues at exactly the next block."""
+    reference = blocks(iter(loader.make_loader(dataset, "train", batch_size=4, shuffle=True, num_workers=0)))
+
+    def resumed_from(state: dict | None, take: int) -> tuple[list[int], dict]:
+        dl = loader.make_loader(dataset, "train", batch_size=4, shuffle=True, num_workers=0)
+        if state is not None:
+            dl.load_state_dict(state)
+        batches = loader.Batches(dl, 4, log=lambda _: None)
+        taken = blocks([batches.next() for _ in range(take)])
+        time.sleep(0.2)  # the thread reads ahead meanwhile
+        return taken, batches.state_dict()
+
+    first, state = resumed_from(None, 10)
+    second, state = resumed_from(state, 10)
+    third, _ = resumed_from(state, 10)
+    assert first + second + third == reference[:120]
+
+
 def test_ranks_read_disjoint_samples_covering_the_dataset(dataset):
     from litdata.utilities.env import _DistributedEnv
 

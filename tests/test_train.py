@@ -351,6 +351,32 @@ def test_checkpoint_of_two_ranks_resumes_on_other_world_sizes(reference_run, tok
     assert result["tokens_seen"] == 17 * 4 * MICRO * 64
 
 
+def test_ddp_matches_fsdp_and_checkpoints_cross_over(reference_run, token_data, tmp_path):
+    """data_parallel: ddp resumes the FSDP run's step-15 checkpoint and gives its losses and gradient norms (with
+    gradient accumulation under no_sync); FSDP then resumes DDP's step-16 checkpoint and gives the same step 17."""
+    _, ref_root, _, ref_metrics, _ = reference_run
+    root = tmp_path / "run"
+    shutil.copytree(token_data, root)
+    shutil.copytree(ref_root / "checkpoints" / "step-000015", root / "checkpoints" / "step-000015")
+    ref = ref_metrics[15:17]
+
+    ddp = {**REFERENCE, "max_steps": 17, "checkpoint_every": 1, "data_parallel": "ddp"}
+    _, lines, metrics = run(make_cfg(str(root), **ddp))
+    assert any("step-000015" in line and "resumed from" in line for line in lines)
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in ref], abs=1e-4)
+    assert [m["grad_norm"] for m in metrics] == pytest.approx([m["grad_norm"] for m in ref], rel=1e-3)
+
+    # (Step 17 only: the lr after a resume comes from the checkpoint, later ones from this run's max_steps.)
+    ddp_16 = str(root / "checkpoints" / "step-000016")
+    _, lines, metrics = run(make_cfg(str(root), **{**REFERENCE, "max_steps": 17, "resume": ddp_16}))
+    assert any("step-000016" in line and "resumed from" in line for line in lines)
+    assert [m["loss"] for m in metrics] == pytest.approx([ref[1]["loss"]], abs=1e-4)
+    assert metrics[0]["grad_norm"] == pytest.approx(ref[1]["grad_norm"], rel=1e-3)
+
+    with pytest.raises(ValueError, match="applies to data_parallel: fsdp only"):
+        make_cfg(str(root), data_parallel="ddp", reshard_after_forward=False)
+
+
 def test_initial_checkpoint_gives_weights_only(reference_run, token_data, tmp_path):
     """Continued pretraining: another run's weights, a fresh step count, schedule and optimizer."""
     _, ref_root, reference, ref_metrics, _ = reference_run
