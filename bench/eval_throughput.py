@@ -52,7 +52,7 @@ def measure(docs: int, repeats: int) -> dict:
     for stage in (ingest, filter, dedup, tokenizer, tokenize):
         stage.run(cfg, log=lambda _: None)
     launch.run_training(cfg, on_line=lambda _: None)
-    step, ckpt, meta = checkpoints.latest_checkpoint(cfg.storage.root)
+    step, ckpt, meta = checkpoints.latest_checkpoint(launch.run_uri(cfg))
     from lm_eval.models.huggingface import HFLM
 
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stages import loader as loader_lib
 from stages.config import PipelineConfig
+from stages.launch import tokenizer_vocab_size
 from stages.model import Transformer
 
 
@@ -47,9 +48,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(t.seed + rank)
 
-    from tokenizers import Tokenizer
-
-    vocab = Tokenizer.from_file(os.path.join(cfg.storage.root, "tokenizer", "tokenizer.json")).get_vocab_size()
+    vocab = tokenizer_vocab_size(cfg)  # (the config's train.data is set by the caller)
     data = torch.from_numpy(all_tokens(cfg).astype(np.int64))
     model = Transformer(cfg.model, vocab)
     model.init_weights(t.seed)

@@ -12,13 +12,15 @@ when its manifests match. Then, alternating within one run so the machine's nois
   or DistributedDataParallel (nanoGPT's choice).
 Both sides time a step from before fetching its batch to after the optimizer step, skip the first `--skip` steps
 (allocator and cache warm-up) and report the tokens of a step over the median step time of the rest (robust to the
-odd step another process slows down); the best of `--repeats`.
+odd step another process slows down). Each trainer run is followed by its baseline run; the ratio reported is the
+median over `--repeats` of those pairs' ratios (machines here are noisy: one slowed run must not decide it).
 Checkpoints and validation fall outside the timed steps on both sides (the trainer saves only at the end here).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -43,6 +45,7 @@ def prepare(preset: str, root: Path) -> PipelineConfig:
     cfg = load_config(preset, {"storage.root": str(root)})
     for stage in (ingest, filter, dedup, tokenizer, tokenize):
         stage.run(cfg, log=lambda _: None)
+    cfg.train.data = launch.data_uri(cfg)  # both sides read the tokenize output in place
     return cfg
 
 
@@ -53,9 +56,7 @@ def steady_tokens_per_s(records: list[dict], skip: int) -> float:
 def run_trainer(cfg: PipelineConfig, nproc: int, steps: int, skip: int) -> float:
     # 1 process: a plain module (nothing to shard); 2: the config's data_parallel
     with tempfile.TemporaryDirectory(prefix="bench-train-") as run_root:
-        # The tokens and tokenizer are shared read-only; checkpoints go to a fresh root each time.
-        for name in ("tokens", "tokenizer"):
-            os.symlink(Path(cfg.storage.root) / name, Path(run_root) / name)
+        # The tokens are shared read-only; checkpoints go to a fresh root each time.
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.storage.root = run_root
         t = run_cfg.train
@@ -84,7 +85,7 @@ def measure(preset: str, steps: int, skip: int, repeats: int, micro_batches: lis
     from stages.scaling import count_params, flops_per_token
 
     vocab = launch.tokenizer_vocab_size(cfg)
-    best: dict[tuple[str, str, int], float] = {}
+    runs: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
     for _ in range(repeats):
         for micro in micro_batches:
             for layout in LAYOUTS:
@@ -97,10 +98,22 @@ def measure(preset: str, steps: int, skip: int, repeats: int, micro_batches: lis
                     sized.train.data_parallel = layout
                 for side, fn in (("trainer", run_trainer), ("baseline", run_baseline)):
                     value = fn(sized, nproc, steps, skip)
-                    best[(side, layout, micro)] = max(best.get((side, layout, micro), 0.0), value)
+                    runs[(side, layout, micro)].append(value)
                     print(f"{side} {layout} micro {micro}: {value:,.0f} tokens/s", flush=True)
+    # Each trainer run is paired with the baseline run right after it (the same machine load, as far as one
+    # can have it): the ratio is the median of the pairs' ratios, robust to a repeat the machine slowed down.
+    summary = {}
+    for (side, layout, micro), values in runs.items():
+        if side == "trainer":
+            ratios = [t / b for t, b in zip(values, runs[("baseline", layout, micro)])]
+            summary[(layout, micro)] = {
+                "trainer": statistics.median(values),
+                "baseline": statistics.median(runs[("baseline", layout, micro)]),
+                "ratio": statistics.median(ratios),
+                "ratios": ratios,
+            }
     return {
-        "best": best,
+        "summary": summary,
         "params": count_params(cfg.model, vocab),
         "flops_per_token": flops_per_token(cfg.model, vocab, cfg.train.seq_len),
         "cfg": cfg,
@@ -109,7 +122,7 @@ def measure(preset: str, steps: int, skip: int, repeats: int, micro_batches: lis
 
 
 def table(r: dict, command: str, steps: int, skip: int) -> str:
-    cfg, best = r["cfg"], r["best"]
+    cfg = r["cfg"]
     m, t = cfg.model, cfg.train
     lines = [
         SECTION,
@@ -120,23 +133,26 @@ def table(r: dict, command: str, steps: int, skip: int) -> str:
         f"({m.n_kv_heads or m.n_heads} KV), {r['params']:,} parameters, {r['flops_per_token']:,} training FLOPs per "
         f"token; sequences of {t.seq_len} tokens, micro-batch per process as in the table (the preset's is "
         f"{t.micro_batch_size}); {steps} steps, the first {skip} untimed; tokens per step over the median step "
-        "time, best of the repeats. On CPU torchrun gives each of 2 processes one thread, a single process uses "
+        "time; each trainer run is paired with the plain loop's run right after it, and the table gives the medians "
+        "over the repeats of each side and of the pairs' ratios. On CPU torchrun gives each of 2 processes one "
+        "thread, a single process uses "
         "both cores.",
         "",
         "| processes | parallelism | sequences per process per step | trainer (tokens/s) | plain loop, same "
-        "parallelism (tokens/s) | ratio | trainer FLOP/s |",
+        "parallelism (tokens/s) | ratio (range over pairs) | trainer FLOP/s |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for micro in r["micro_batches"]:
         for layout in LAYOUTS:
-            ours, base = best[("trainer", layout, micro)], best[("baseline", layout, micro)]
+            row = r["summary"][(layout, micro)]
             procs, kind = ("1", "none") if layout == "1" else ("2", layout.upper())
+            spread = f"{min(row['ratios']):.2f}-{max(row['ratios']):.2f}"
             lines.append(
-                f"| {procs} | {kind} | {micro} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f}x | "
-                f"{ours * r['flops_per_token'] / 1e9:.2f} G |"
+                f"| {procs} | {kind} | {micro} | {row['trainer']:,.0f} | {row['baseline']:,.0f} | "
+                f"{row['ratio']:.2f}x ({spread}) | {row['trainer'] * r['flops_per_token'] / 1e9:.2f} G |"
             )
     cross = ", ".join(
-        f"{best[('trainer', 'fsdp', micro)] / best[('baseline', 'ddp', micro)]:.2f}x at {micro}"
+        f"{r['summary'][('fsdp', micro)]['trainer'] / r['summary'][('ddp', micro)]['baseline']:.2f}x at {micro}"
         for micro in r["micro_batches"]
     )
     lines += [

@@ -1,6 +1,6 @@
 """The `evaluate` flow: evaluate any checkpoint, from the UI or `prefect deployment run evaluate/checkpoint`.
 
-Parameters: the checkpoint's URI (a `.../checkpoints/step-N` folder with its meta.json, local or s3://), the
+Parameters: the checkpoint's URI (a run's `.../train/VERSION/step-N` folder with its meta.json, local or s3://), the
 suite (task names; default: the preset's `evaluate.tasks`), and the preset and overrides for everything else
 (storage credentials, batch size, ...). The held-out documents are those of the run the checkpoint belongs to;
 results land in the checkpoint's `eval/` folder with the same artifacts as the evaluate stage of `pretrain`.

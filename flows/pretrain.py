@@ -24,7 +24,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from stages import dedup, evaluate, filter, ingest, launch, tokenize, tokenizer, train_report
+from stages import dedup, evaluate, filter, ingest, launch, plan, tokenize, tokenizer, train_report
 from stages.config import PipelineConfig, load_config
 from stages.preflight import preflight
 
@@ -50,8 +50,8 @@ def _report(stage: str, stats: dict) -> dict:
 
 def _stage_task(name: str, stage_run):
     @task(name=name, cache_policy=NO_CACHE)
-    def run_stage_task(cfg: PipelineConfig) -> dict:
-        return _report(name, stage_run(cfg, log=get_run_logger().info))
+    def run_stage_task(cfg: PipelineConfig, force: bool = False) -> dict:
+        return _report(name, stage_run(cfg, log=get_run_logger().info, force=force))
 
     return run_stage_task
 
@@ -75,19 +75,19 @@ def report_evaluation(stats: dict) -> dict:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: PipelineConfig, checkpoint: str | None = None) -> dict:
-    return report_evaluation(evaluate.run(cfg, log=get_run_logger().info, checkpoint=checkpoint))
+def evaluate_task(cfg: PipelineConfig, checkpoint: str | None = None, force: bool = False) -> dict:
+    return report_evaluation(evaluate.run(cfg, log=get_run_logger().info, checkpoint=checkpoint, force=force))
 
 
-def on_cluster_if_configured(stage_task, cfg: PipelineConfig) -> dict:
+def on_cluster_if_configured(stage_task, cfg: PipelineConfig, force: bool = False) -> dict:
     """Run a data stage's task here, or with `cluster.dask_address` set, on that Dask cluster through
     prefect-dask (the stage then spreads its units over the same cluster: stages/parallel.py)."""
     if not cfg.cluster.dask_address:
-        return stage_task(cfg)
+        return stage_task(cfg, force)
     from prefect_dask import DaskTaskRunner
 
     with DaskTaskRunner(address=cfg.cluster.dask_address) as runner:
-        return runner.submit(stage_task, {"cfg": cfg}).result()
+        return runner.submit(stage_task, {"cfg": cfg, "force": force}).result()
 
 
 class TrainingProgress:
@@ -113,9 +113,9 @@ class TrainingProgress:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(cfg: PipelineConfig) -> dict:
+def train_task(cfg: PipelineConfig, force: bool = False) -> dict:
     # The torchrun children's output streams line by line into this task's log.
-    stats = launch.run_training(cfg, on_line=get_run_logger().info, on_metric=TrainingProgress())
+    stats = launch.run_training(cfg, on_line=get_run_logger().info, on_metric=TrainingProgress(), force=force)
     report = train_report.write(cfg)
     if report["png"]:
         data_uri = "data:image/png;base64," + base64.b64encode(report["png"]).decode()
@@ -151,17 +151,32 @@ def funnel(stats: dict[str, dict]) -> str:
 
 
 @flow(name="pretrain")
-def pretrain(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> dict:
+def pretrain(
+    preset: str = "tiny",
+    overrides: dict[str, Any] | None = None,
+    force: list[str] | None = None,
+    dry_run: bool = False,
+) -> dict:
+    """`force`: stages to rebuild even when up to date (ingest, filter, dedup, tokenizer, tokenize, train,
+    evaluate). `dry_run`: only the plan (what would run and why), as an artifact and the return value."""
     cfg = load_config(preset, overrides)
+    forced = set(plan.check_force(force or []))
     preflight(cfg)
-    get_run_logger().info("config %s, outputs under %s", cfg.name, cfg.storage.root)
+    logger = get_run_logger()
+    logger.info("config %s, outputs under %s", cfg.name, cfg.storage.root)
+    steps = plan.plan(cfg, sorted(forced))
+    table = plan.markdown(steps)
+    logger.info("plan:\n%s", table)
+    create_markdown_artifact(key="plan", markdown="# Plan\n\n" + table, description="what this run does and why")
+    if dry_run:
+        return {"plan": steps}
     stats: dict[str, dict] = {}
-    stats["ingest"] = on_cluster_if_configured(ingest_task, cfg)
-    stats["filter"] = on_cluster_if_configured(filter_task, cfg)
-    stats["dedup"] = on_cluster_if_configured(dedup_task, cfg)
-    stats["tokenizer"] = tokenizer_task(cfg)
-    stats["tokenize"] = tokenize_task(cfg)
+    stats["ingest"] = on_cluster_if_configured(ingest_task, cfg, "ingest" in forced)
+    stats["filter"] = on_cluster_if_configured(filter_task, cfg, "filter" in forced)
+    stats["dedup"] = on_cluster_if_configured(dedup_task, cfg, "dedup" in forced)
+    stats["tokenizer"] = tokenizer_task(cfg, "tokenizer" in forced)
+    stats["tokenize"] = tokenize_task(cfg, "tokenize" in forced)
     create_markdown_artifact(key="data-funnel", markdown="# Data funnel\n\n" + funnel(stats))
-    stats["train"] = train_task(cfg)
-    stats["evaluate"] = evaluate_task(cfg)
+    stats["train"] = train_task(cfg, "train" in forced)
+    stats["evaluate"] = evaluate_task(cfg, force="evaluate" in forced)
     return stats

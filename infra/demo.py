@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from infra.stack import HOST, api_url  # noqa: E402
-from stages import storage  # noqa: E402
+from stages import dedup, filter, ingest, launch, tokenize, tokenizer  # noqa: E402
 from stages.config import load_config  # noqa: E402
 
 
@@ -32,14 +32,17 @@ def main() -> int:
         print("pretrain/full failed; the UI and the log above say which stage", file=sys.stderr)
         return proc.returncode
     cfg = load_config("tiny")
-    print(f"Outputs under {cfg.storage.root}:")
-    for stage in ("ingest", "filter", "dedup", "tokenizer", "tokens", "checkpoints"):
-        print(f"  {stage:<11} {storage.join(cfg.storage.root, stage)}")
-    metrics = Path(cfg.storage.root, "checkpoints", "metrics.jsonl")
+    run = launch.run_uri(cfg)
+    print(f"Outputs under {cfg.storage.root} (one folder per version of each stage):")
+    for stage in (ingest, filter, dedup, tokenizer, tokenize):
+        out = stage.output(cfg)
+        print(f"  {out.stage:<11} {out.uri}")
+    print(f"  {'train':<11} {run}")
+    metrics = Path(run, "metrics.jsonl")
     if metrics.exists():
         steps = [json.loads(line) for line in metrics.read_text().splitlines()]
         print(f"Training: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}")
-    results = sorted(Path(cfg.storage.root, "checkpoints").glob("step-*/eval/results.json"))
+    results = sorted(Path(run).glob("step-*/eval/results.json"))
     if results:
         data = json.loads(results[-1].read_text())
         print(f"Evaluation ({results[-1]}):")

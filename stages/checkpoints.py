@@ -1,8 +1,9 @@
-"""Where checkpoints live and which are complete: shared by the trainer, its launcher and evaluation.
+"""Which checkpoints of a run are complete: shared by the trainer, its launcher and evaluation.
 
-A checkpoint is `{root}/checkpoints/step-NNNNNN/`, a torch.distributed.checkpoint (DCP) folder; it is complete
-only once its `meta.json` exists, which the trainer writes last. Everything that picks a checkpoint goes
-through `complete_checkpoints`, so "complete" means the same thing to resume, skip and evaluate.
+A run's folder is `{root}/train/{version}` (`stages.launch.run_uri`); a checkpoint is its `step-NNNNNN/`, a
+torch.distributed.checkpoint (DCP) folder, complete only once its `meta.json` exists, which the trainer writes
+last. Everything that picks a checkpoint goes through `complete_checkpoints`, so "complete" means the same thing
+to resume, skip and evaluate.
 """
 
 from __future__ import annotations
@@ -10,25 +11,29 @@ from __future__ import annotations
 import re
 
 from stages import storage
-from stages.config import PipelineConfig, StorageConfig
+from stages.config import StorageConfig
 
 META = "meta.json"
 METRICS = "metrics.jsonl"  # rank 0's per-step records, beside the checkpoints
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
-def checkpoints_uri(cfg: PipelineConfig) -> str:
-    return storage.join(cfg.storage.root, "checkpoints")
+def step_uri(run: str, step: int) -> str:
+    return storage.join(run, f"step-{step:06d}")
 
 
-def checkpoint_uri(cfg: PipelineConfig, step: int) -> str:
-    return storage.join(checkpoints_uri(cfg), f"step-{step:06d}")
+def run_of(ckpt: str) -> str:
+    """The run folder a checkpoint belongs to."""
+    head, _, name = ckpt.rstrip("/").rpartition("/")
+    if not _STEP_DIR.search(name):
+        raise ValueError(f"{ckpt}: not a checkpoint folder (RUN/step-N)")
+    return head
 
 
-def complete_checkpoints(root: str, storage_cfg: StorageConfig | None = None) -> list[tuple[int, str]]:
-    """(step, uri) of every checkpoint under storage root `root` that has its meta.json, oldest first."""
+def complete_checkpoints(run: str, storage_cfg: StorageConfig | None = None) -> list[tuple[int, str]]:
+    """(step, uri) of every checkpoint of the run folder `run` that has its meta.json, oldest first."""
     found = []
-    for meta_uri in storage.expand(storage.join(root, "checkpoints", "step-*", META), storage_cfg):
+    for meta_uri in storage.expand(storage.join(run, "step-*", META), storage_cfg):
         ckpt = meta_uri.rsplit("/", 1)[0]
         match = _STEP_DIR.search(ckpt)
         if match:
@@ -36,9 +41,9 @@ def complete_checkpoints(root: str, storage_cfg: StorageConfig | None = None) ->
     return sorted(found)
 
 
-def latest_checkpoint(root: str, storage_cfg: StorageConfig | None = None) -> tuple[int, str, dict] | None:
+def latest_checkpoint(run: str, storage_cfg: StorageConfig | None = None) -> tuple[int, str, dict] | None:
     """The newest complete checkpoint as (step, uri, meta), or None."""
-    found = complete_checkpoints(root, storage_cfg)
+    found = complete_checkpoints(run, storage_cfg)
     if not found:
         return None
     step, ckpt = found[-1]

@@ -297,12 +297,16 @@ class TrainConfig(Strict):
     resume: str = "auto"
     # Weights (only) to start from when not resuming: continued pretraining from another run's checkpoint.
     initial_checkpoint: str | None = None
+    # The tokenized dataset to train on: a folder holding train/ and val/ (LitData TokensLoader shards) and
+    # tokenizer.json, local or on S3. Unset: this config's tokenize output (resolved when training starts).
+    data: str | None = None
     val_every: int = Field(50, gt=0)  # validation loss every K steps (and at the end)
     val_batches: int = Field(4, gt=0)  # per rank, of micro_batch_size sequences
     seed: int = 1234
     loader_workers: int = Field(0, ge=0)
     # How the run proceeds and what it keeps, not the weights it ends with (resume is exact).
-    runtime_only = ("resume", "async_checkpoint", "keep_last")
+    # (data: its content's digest is part of a run's identity, not the path it is read from.)
+    runtime_only = ("resume", "async_checkpoint", "keep_last", "data")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

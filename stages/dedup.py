@@ -44,6 +44,7 @@ from stages.stage import (
     run_units,
     stage_identity,
     upstream_digest,
+    versioned_output,
 )
 from stages.storage import StageOutput
 
@@ -244,15 +245,20 @@ def by_first_shard(pairs: np.ndarray) -> dict[int, np.ndarray]:
     return {int(s): pairs[shards == s] for s in np.unique(shards)}
 
 
+def identity(cfg: PipelineConfig, upstream: StageOutput | None = None) -> dict:
+    upstream = upstream or filter_output(cfg)
+    return stage_identity(__name__, cfg, "dedup", upstream_digest(upstream), helpers=(minhash,))
+
+
 def output(cfg: PipelineConfig) -> StageOutput:
-    return StageOutput("dedup", storage.join(cfg.storage.root, "dedup"), cfg.storage)
+    return versioned_output("dedup", "dedup", cfg, identity(cfg))
 
 
-def run(cfg: PipelineConfig, log: Log = print) -> dict:
+def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
     upstream = filter_output(cfg)
     shards = committed_shards(upstream)
-    out = output(cfg)
-    identity = stage_identity(__name__, cfg, "dedup", upstream_digest(upstream), helpers=(minhash,))
+    ident = identity(cfg, upstream)
+    out = versioned_output("dedup", "dedup", cfg, ident)
     dc = cfg.dedup
 
     def build() -> StageResult:
@@ -381,6 +387,6 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         }
         return StageResult([f for r in results for f in r["files"]], counts, stats)
 
-    stats = run_stage(out, identity, build, log)
+    stats = run_stage(out, ident, build, log, force)
     storage.remove(out.path(WORK), cfg.storage)  # scratch: the manifest is written, nothing reads it again
     return stats

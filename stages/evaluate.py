@@ -1,11 +1,11 @@
 """Evaluate the latest complete checkpoint with lm-evaluation-harness, in-process and offline.
 
 What it reads (all through the storage layer, so local folders and s3:// work alike):
-- `{root}/checkpoints/step-NNNNNN/`: torch.distributed.checkpoint (DCP) directories. Only those with a
-  `meta.json` are complete; the one with the highest step is evaluated.
-- the tokenizer named by `meta.json`'s `tokenizer_uri` (falling back to `{root}/tokenizer/tokenizer.json`);
-- `{root}/tokens/val_docs.jsonl`: the validation split's documents, of which the first `evaluate.max_docs`
-  are copied into a local temporary JSONL.
+- the run folder's `step-NNNNNN/` (`stages.launch.run_uri`): torch.distributed.checkpoint (DCP) directories.
+  Only those with a `meta.json` are complete; the one with the highest step is evaluated;
+- the tokenizer named by `meta.json`'s `tokenizer_uri`;
+- `val_docs.jsonl` of the dataset the run trained on (`meta.json`'s `data_uri`): the validation split's
+  documents, of which the first `evaluate.max_docs` are copied into a local temporary JSONL.
 
 What it writes, next to the checkpoint: `{checkpoint}/eval/results.json` (lm-eval's results, without
 per-sample logs), then `stats.json` and `manifest.json` last (`StageOutput`). The identity is the checkpoint's
@@ -46,8 +46,9 @@ import torch.nn.functional as F  # noqa: E402
 from lm_eval import utils as lm_utils  # noqa: E402
 from lm_eval.api.model import LM  # noqa: E402
 
-from stages.checkpoints import complete_checkpoints, dcp_reader, latest_checkpoint  # noqa: E402
+from stages.checkpoints import complete_checkpoints, dcp_reader, latest_checkpoint, run_of  # noqa: E402
 from stages.config import ModelConfig, PipelineConfig, StorageConfig  # noqa: E402
+from stages.launch import run_uri  # noqa: E402
 from stages.model import KVCache, Transformer  # noqa: E402
 from stages.storage import (  # noqa: E402
     StageOutput,
@@ -505,14 +506,6 @@ def _task_manager(include: Path, tasks: Iterable[str]):
 HISTORY = "eval_history.json"  # {step: {task: {metric: value}}} of every evaluated checkpoint of a run
 
 
-def run_root(ckpt: str) -> str:
-    """The storage root a checkpoint belongs to (`{root}/checkpoints/step-N`)."""
-    head, sep, _ = ckpt.rstrip("/").rpartition("/checkpoints/")
-    if not sep:
-        raise ValueError(f"{ckpt}: not a checkpoint folder of the form ROOT/checkpoints/step-N")
-    return head
-
-
 def checkpoint_step(ckpt: str) -> int:
     return int(ckpt.rstrip("/").rsplit("step-", 1)[1])
 
@@ -520,9 +513,9 @@ def checkpoint_step(ckpt: str) -> int:
 def pick_checkpoint(cfg: PipelineConfig, checkpoint: str | None) -> tuple[int, str, dict]:
     storage = cfg.storage
     if checkpoint is None:
-        latest = latest_checkpoint(cfg.storage.root, storage)
+        where = run_uri(cfg)
+        latest = latest_checkpoint(where, storage)
         if latest is None:
-            where = join(cfg.storage.root, "checkpoints")
             raise FileNotFoundError(f"no complete checkpoint (a step-*/ folder with meta.json) under {where}")
         return latest
     meta_uri = join(checkpoint.rstrip("/"), "meta.json")
@@ -553,10 +546,10 @@ def compare(metrics: dict, previous: dict | None) -> list[dict]:
     return rows
 
 
-def record_history(root: str, step: int, metrics: dict, storage: StorageConfig | None) -> dict | None:
+def record_history(run: str, step: int, metrics: dict, storage: StorageConfig | None) -> dict | None:
     """Add this evaluation to the run's history; returns the latest earlier one ({step, metrics}) or None.
     Kept beside, not inside, the checkpoints, which keep_last may delete."""
-    uri = join(root, "checkpoints", HISTORY)
+    uri = join(run, HISTORY)
     history = read_json(uri, storage) if exists(uri, storage) else {}
     earlier = sorted((int(k) for k in history if int(k) < step), reverse=True)
     history[str(step)] = metrics
@@ -564,45 +557,54 @@ def record_history(root: str, step: int, metrics: dict, storage: StorageConfig |
     return {"step": earlier[0], "metrics": history[str(earlier[0])]} if earlier else None
 
 
-def run(
-    cfg: PipelineConfig,
-    log: Callable[[str], None] = print,
-    device: str | torch.device | None = None,
-    checkpoint: str | None = None,
-) -> dict:
-    """Evaluate `checkpoint` (default: the latest complete one under storage.root, and with evaluate.every_steps
-    first the kept checkpoints at multiples of it); skip when a checkpoint's eval/ output is current. The
-    held-out documents are those of the run the checkpoint belongs to."""
-    started = time.time()
-    storage = cfg.storage
-    step, ckpt, meta = pick_checkpoint(cfg, checkpoint)
-    every = cfg.evaluate.every_steps
-    if checkpoint is None and every:
-        earlier = [uri for s, uri in complete_checkpoints(cfg.storage.root, storage) if s % every == 0 and s < step]
-        for uri in earlier:
-            run(cfg, log, device, checkpoint=uri)
-        stats = run(cfg, log, device, checkpoint=ckpt)
-        return {**stats, "evaluated_steps": [int(checkpoint_step(u)) for u in earlier] + [step]}
-    root = run_root(ckpt) if checkpoint else cfg.storage.root
-    val_uri = join(root, "tokens", "val_docs.jsonl")
-    if not exists(val_uri, storage):
-        raise FileNotFoundError(f"{val_uri}: held-out documents not found (run the tokenize stage)")
-    tokenizer_uri = meta.get("tokenizer_uri") or join(root, "tokenizer", "tokenizer.json")
-    if not exists(tokenizer_uri, storage):
-        log(f"evaluate: {tokenizer_uri} (from meta.json) not found, using {root}/tokenizer/tokenizer.json")
-        tokenizer_uri = join(root, "tokenizer", "tokenizer.json")
+def heldout_uri(ckpt: str, meta: dict, storage: StorageConfig | None) -> str:
+    uri = join(meta["data_uri"], "val_docs.jsonl")
+    if not exists(uri, storage):
+        raise FileNotFoundError(f"{uri}: the held-out documents of {ckpt}'s training data are not there")
+    return uri
 
-    out = StageOutput("evaluate", join(ckpt, "eval"), storage)
-    identity = {
+
+def output(ckpt: str, storage: StorageConfig | None) -> StageOutput:
+    return StageOutput("evaluate", join(ckpt, "eval"), storage)
+
+
+def eval_identity(cfg: PipelineConfig, step: int, meta: dict, val_uri: str) -> dict:
+    return {
         "checkpoint_step": step,
         "meta": digest_of(meta),
         "config": cfg.section_digest("evaluate"),
         "seq_len": cfg.train.seq_len,  # the rolling window length changes the numbers
         "eos_token": cfg.tokenizer.eos_token,  # the prefix token of every rolling window
-        "val_docs": raw_fingerprint(val_uri, storage),
+        "val_docs": raw_fingerprint(val_uri, cfg.storage),
         "task_yaml": tasks_digest(),
     }
-    if out.is_current(identity):
+
+
+def run(
+    cfg: PipelineConfig,
+    log: Callable[[str], None] = print,
+    device: str | torch.device | None = None,
+    checkpoint: str | None = None,
+    force: bool = False,
+) -> dict:
+    """Evaluate `checkpoint` (default: the latest complete one of this config's run, and with
+    evaluate.every_steps first the kept checkpoints at multiples of it); skip when a checkpoint's eval/ output is
+    current (unless `force`). The held-out documents are those of the data the checkpoint was trained on."""
+    started = time.time()
+    storage = cfg.storage
+    step, ckpt, meta = pick_checkpoint(cfg, checkpoint)
+    every = cfg.evaluate.every_steps
+    if checkpoint is None and every:
+        earlier = [uri for s, uri in complete_checkpoints(run_of(ckpt), storage) if s % every == 0 and s < step]
+        for uri in earlier:
+            run(cfg, log, device, checkpoint=uri, force=force)
+        stats = run(cfg, log, device, checkpoint=ckpt, force=force)
+        return {**stats, "evaluated_steps": [int(checkpoint_step(u)) for u in earlier] + [step]}
+    val_uri = heldout_uri(ckpt, meta, storage)
+    tokenizer_uri = meta["tokenizer_uri"]
+    out = output(ckpt, storage)
+    identity = eval_identity(cfg, step, meta, val_uri)
+    if out.is_current(identity) and not force:
         stats = read_json(out.path("stats.json"), storage)
         log(f"evaluate: step {step} already evaluated at {out.uri}, skipping")
         return {**stats, "skipped": True}
@@ -672,7 +674,7 @@ def run(
         # model throughput: tokens through the model per second spent in the LM's request methods
         "tokens_per_s": round(lm.tokens_forwarded / lm.model_seconds, 1) if lm.model_seconds > 0 else None,
     }
-    stats["previous"] = record_history(root, step, metrics, storage)
+    stats["previous"] = record_history(run_of(ckpt), step, metrics, storage)
     out.commit(identity, counts={"docs": n_docs, "tokens": lm.tokens_forwarded}, stats=stats, files=["results.json"])
     for task, values in metrics.items():
         log(

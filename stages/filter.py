@@ -32,6 +32,7 @@ from stages.stage import (
     run_units,
     stage_identity,
     upstream_digest,
+    versioned_output,
 )
 from stages.storage import StageOutput
 
@@ -184,15 +185,9 @@ def filter_shard(
     return result
 
 
-def output(cfg: PipelineConfig) -> StageOutput:
-    return StageOutput("filter", storage.join(cfg.storage.root, "filter"), cfg.storage)
-
-
-def run(cfg: PipelineConfig, log: Log = print) -> dict:
-    upstream = ingest_output(cfg)
-    shards = committed_shards(upstream)
-    out = output(cfg)
-    identity = stage_identity(
+def identity(cfg: PipelineConfig, upstream: StageOutput | None = None) -> dict:
+    upstream = upstream or ingest_output(cfg)
+    return stage_identity(
         __name__,
         cfg,
         "filter",
@@ -209,6 +204,17 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         },
         helpers=(quality_model, word_tokens),
     )
+
+
+def output(cfg: PipelineConfig) -> StageOutput:
+    return versioned_output("filter", "filter", cfg, identity(cfg))
+
+
+def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
+    upstream = ingest_output(cfg)
+    shards = committed_shards(upstream)
+    ident = identity(cfg, upstream)
+    out = versioned_output("filter", "filter", cfg, ident)
 
     def build() -> StageResult:
         progress = Progress(out)
@@ -240,4 +246,4 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         stats = {"languages": dict(languages.most_common()), "units_resumed": resumed, "quality_classifier": quality}
         return StageResult(files, counts, stats)
 
-    return run_stage(out, identity, build, log)
+    return run_stage(out, ident, build, log, force)

@@ -33,7 +33,7 @@ from datatrove.pipeline.extractors.base import ExtractorSandbox
 from stages import storage
 from stages.config import IngestConfig, PipelineConfig
 from stages.documents import Doc, ShardWriter
-from stages.stage import Log, Progress, StageResult, run_stage, run_units, stage_identity
+from stages.stage import Log, Progress, StageResult, run_stage, run_units, stage_identity, versioned_output
 from stages.storage import StageOutput
 
 FORMATS = {
@@ -303,16 +303,19 @@ def ingest_file(unit: str, job: tuple[int, str], cfg: PipelineConfig, out_uri: s
     return result
 
 
+def identity(cfg: PipelineConfig, inputs: list[str] | None = None) -> dict:
+    inputs = list_inputs(cfg) if inputs is None else inputs
+    return stage_identity(__name__, cfg, "ingest", {uri: storage.raw_fingerprint(uri, cfg.storage) for uri in inputs})
+
+
 def output(cfg: PipelineConfig) -> StageOutput:
-    return StageOutput("ingest", storage.join(cfg.storage.root, "ingest"), cfg.storage)
+    return versioned_output("ingest", "ingest", cfg, identity(cfg))
 
 
-def run(cfg: PipelineConfig, log: Log = print) -> dict:
+def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
     inputs = list_inputs(cfg)
-    out = output(cfg)
-    identity = stage_identity(
-        __name__, cfg, "ingest", {uri: storage.raw_fingerprint(uri, cfg.storage) for uri in inputs}
-    )
+    ident = identity(cfg, inputs)
+    out = versioned_output("ingest", "ingest", cfg, ident)
 
     def build() -> StageResult:
         progress = Progress(out)
@@ -342,4 +345,4 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         stats = {"docs_by_format": dict(by_format), "skipped_records": dict(skipped), "units_resumed": resumed}
         return StageResult(files, counts, stats)
 
-    return run_stage(out, identity, build, log)
+    return run_stage(out, ident, build, log, force)

@@ -8,14 +8,20 @@ orchestrator down with it.
   through the environment (`storage.storage_env`), where s3fs, botocore and obstore read them.
 - Every line the children print is handed to `on_line` as it arrives (stdout and stderr merged). Rank 0 prints
   `METRIC {json}` once per step and `SUMMARY {json}` at the end; both are parsed here.
-- Skip: a finished run leaves `{root}/checkpoints/step-{max_steps:06d}/meta.json` whose `run_digest` names the
-  model and train sections and the tokens manifest digest. If it matches, the stored summary is returned with
-  `skipped: True` and nothing is launched. Any other existing checkpoint makes the children resume from it.
+- Where: a run's identity is the training code's version, the model and train sections (less the runtime-only
+  fields) with max_steps resolved, and the digest of the data it reads (the tokenize manifest's, or for a
+  hand-made dataset its train index's). Its checkpoints live in `{root}/train/{version}/`: another config never
+  resumes from, or overwrites, this one's checkpoints. The data is `train.data` or this config's tokenize
+  output; the children get it resolved in their config.
+- Skip: a finished run leaves `step-{max_steps:06d}/meta.json` with a summary; then the stored summary is
+  returned with `skipped: True` and nothing is launched. Any earlier complete checkpoint of the same run makes
+  the children resume from it (a retried or killed run).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import signal
@@ -27,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stages import scaling, storage
-from stages.checkpoints import META, checkpoint_uri
+from stages.checkpoints import META, step_uri
 from stages.config import REPO_ROOT, PipelineConfig
 
 METRIC_PREFIX = "METRIC "
@@ -36,39 +42,68 @@ TAIL_LINES = 30
 HISTORY_LINES = 5000
 
 
-def tokens_manifest_digest(cfg: PipelineConfig) -> str | None:
-    """The tokenize stage's manifest digest, when that stage wrote one (it identifies the training data)."""
-    uri = storage.join(cfg.storage.root, "tokens", storage.MANIFEST)
-    if not storage.exists(uri, cfg.storage):
-        return None
-    return storage.read_json(uri, cfg.storage).get("digest")
+TRAIN_CODE = ("stages/train.py", "stages/model.py", "stages/loader.py", "stages/checkpoints.py")
+TOKENIZER_FILE = "tokenizer.json"  # inside the dataset folder (the tokenize stage copies it there)
 
 
-def run_digest(cfg: PipelineConfig, tokens_digest: str | None) -> str:
-    """Identity of a training run: the model and train sections plus the data it reads."""
-    return storage.digest_of({"config": cfg.section_digest("model", "train"), "tokens": tokens_digest})
+def data_uri(cfg: PipelineConfig) -> str:
+    """The tokenized dataset the run reads: train.data, else this config's tokenize output."""
+    if cfg.train.data:
+        return cfg.train.data.rstrip("/")
+    from stages import tokenize  # (the data stages' imports, only when the pipeline's own output is meant)
+
+    return tokenize.output(cfg).uri
+
+
+def data_digest(cfg: PipelineConfig) -> str:
+    """The dataset's content digest: its tokenize manifest's, or for a dataset made elsewhere its train index's."""
+    data = data_uri(cfg)
+    manifest = storage.join(data, storage.MANIFEST)
+    if storage.exists(manifest, cfg.storage):
+        return storage.read_json(manifest, cfg.storage)["digest"]
+    index = storage.join(data, "train", "index.json")
+    if not storage.exists(index, cfg.storage):  # fail here, not after torchrun has started every rank
+        raise FileNotFoundError(f"{index}: no tokenized training data (run the tokenize stage first)")
+    with storage.open_uri(index, "rb", cfg.storage) as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def tokenizer_uri(cfg: PipelineConfig) -> str:
+    return storage.join(data_uri(cfg), TOKENIZER_FILE)
 
 
 def tokenizer_vocab_size(cfg: PipelineConfig) -> int:
     from tokenizers import Tokenizer
 
-    uri = storage.join(cfg.storage.root, "tokenizer", "tokenizer.json")
+    uri = tokenizer_uri(cfg)
     if not storage.exists(uri, cfg.storage):
-        raise FileNotFoundError(f"{uri}: no tokenizer (run the tokenizer stage first)")
+        raise FileNotFoundError(f"{uri}: no tokenizer beside the training data (run the tokenize stage)")
     with storage.open_uri(uri, "rb", cfg.storage) as f:
         return Tokenizer.from_str(f.read().decode("utf-8")).get_vocab_size()
 
 
-def with_planned_steps(cfg: PipelineConfig) -> PipelineConfig:
-    """The config with train.max_steps fixed (from max_tokens or the Chinchilla budget when unset): the children,
-    the skip check and the run's identity then all agree on one number."""
-    if cfg.train.max_steps is not None:
+def resolved(cfg: PipelineConfig) -> PipelineConfig:
+    """The config as the children get it: train.data resolved, train.max_steps fixed (from max_tokens or the
+    Chinchilla budget when unset), so the children, the skip check and the run's identity agree."""
+    if cfg.train.data and cfg.train.max_steps is not None:
         return cfg
-    steps, _ = scaling.planned_steps(cfg.model, cfg.train, tokenizer_vocab_size(cfg))
-    resolved = cfg.model_copy(deep=True)
-    resolved.train.max_tokens = None
-    resolved.train.max_steps = steps
-    return resolved
+    out = cfg.model_copy(deep=True)
+    out.train.data = data_uri(cfg)
+    if out.train.max_steps is None:
+        out.train.max_steps, _ = scaling.planned_steps(cfg.model, cfg.train, tokenizer_vocab_size(out))
+        out.train.max_tokens = None
+    return out
+
+
+def run_identity(cfg: PipelineConfig) -> dict:
+    cfg = resolved(cfg)
+    code = hashlib.sha256(b"".join((REPO_ROOT / path).read_bytes() for path in TRAIN_CODE)).hexdigest()[:12]
+    return {"code": code, "config": cfg.section_digest("model", "train"), "data": data_digest(cfg)}
+
+
+def run_uri(cfg: PipelineConfig, identity: dict | None = None) -> str:
+    """`{root}/train/{version}`: this run's checkpoints, metrics.jsonl, loss curve and evaluation history."""
+    return storage.join(cfg.storage.root, "train", storage.version_of(identity or run_identity(cfg)))
 
 
 def child_config_json(cfg: PipelineConfig) -> str:
@@ -98,16 +133,13 @@ def torchrun_command(cfg: PipelineConfig, config_file: str) -> list[str]:
     return cmd + ["-m", "stages.train", "--config-json", config_file]
 
 
-def _completed_summary(cfg: PipelineConfig) -> dict | None:
-    meta_uri = storage.join(checkpoint_uri(cfg, cfg.train.max_steps), META)
+def _completed_summary(cfg: PipelineConfig, run: str) -> dict | None:
+    meta_uri = storage.join(step_uri(run, cfg.train.max_steps), META)
     fs, _ = storage.filesystem(meta_uri, cfg.storage)
     fs.invalidate_cache()  # s3fs caches listings per process; a run may have just written this
     if not storage.exists(meta_uri, cfg.storage):
         return None
-    meta = storage.read_json(meta_uri, cfg.storage)
-    if meta.get("run_digest") != run_digest(cfg, tokens_manifest_digest(cfg)) or not meta.get("summary"):
-        return None
-    return meta["summary"]
+    return storage.read_json(meta_uri, cfg.storage).get("summary")
 
 
 def _parse(line: str, prefix: str) -> dict | None:
@@ -124,18 +156,22 @@ def run_training(
     cfg: PipelineConfig,
     on_line: Callable[[str], None] = print,
     on_metric: Callable[[dict], None] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume, or skip) as configured; returns the run's summary plus seconds and losses.
+    """Train (or resume, or skip) as configured; returns the run's summary plus seconds and losses. `force`
+    deletes the run's folder first and trains from step 0.
 
     `on_line` gets every line the ranks print, `on_metric` every per-step record (step, max_steps, loss, ...)."""
     started = time.time()
-    index = storage.join(cfg.storage.root, "tokens", "train", "index.json")
-    if not storage.exists(index, cfg.storage):  # fail here, not after torchrun has started every rank
-        raise FileNotFoundError(f"{index}: no tokenized training data (run the tokenize stage first)")
-    cfg = with_planned_steps(cfg)
-    done = _completed_summary(cfg)
+    data_digest(cfg)  # no data: fail here, not after torchrun has started every rank
+    cfg = resolved(cfg)
+    run = run_uri(cfg)
+    if force:  # its old checkpoints go first: a retry after a crash must not find the old final one
+        on_line(f"training from scratch (forced): removing {run}")
+        storage.remove(run, cfg.storage)
+    done = _completed_summary(cfg, run)
     if done is not None:
-        on_line(f"training already complete at {checkpoint_uri(cfg, cfg.train.max_steps)}: skipped")
+        on_line(f"training already complete at {step_uri(run, cfg.train.max_steps)}: skipped")
         return {
             **done,
             "skipped": True,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from stages import storage
 from stages.config import PipelineConfig
+from stages.launch import data_uri
 
 CACHE_ENV = "PRETRAIN_CACHE_DIR"  # local root for litdata's chunk cache; default ~/.cache/pretrain-pipeline
 INDEX = "index.json"
@@ -39,7 +40,7 @@ class DatasetUnavailable(RuntimeError):
 
 
 def dataset_uri(cfg: PipelineConfig, split: str) -> str:
-    return storage.join(cfg.storage.root, "tokens", split)
+    return storage.join(data_uri(cfg), split)
 
 
 def check_dataset(uri: str, cfg: PipelineConfig) -> bytes:

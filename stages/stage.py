@@ -1,9 +1,17 @@
-"""The skeleton every stage shares: identity, skip, reset, run, commit, stats.
+"""The skeleton every stage shares: identity, versioned output, skip, reset, run, commit, stats.
 
-A stage's identity is its name, a digest of its own source file (the code version), the digest of the config
-sections it reads and the fingerprints of its inputs. If the manifest in its output folder carries the same
-identity the stage is skipped and its recorded stats returned. Otherwise the stage is rebuilt, committing its
-manifest last.
+A stage's identity is a digest of its own source (the code version), the digest of the config sections it reads
+and the fingerprints of its inputs: raw files for ingest, the manifest digests of upstream outputs for the rest.
+Its output lives at `{root}/{stage}/{version}`, the version being a digest of that identity (as Marin's executor
+derives paths): another config or code version writes beside, never over, an earlier output, so switching back
+is free and two configs can share a root. If the manifest at the version's path carries the identity the stage
+is skipped and its recorded stats returned; `force` rebuilds it anyway. Otherwise the stage is built, committing
+its manifest last.
+
+Inputs are fingerprinted by content (an upstream's manifest digest), not by the upstream's version: a stage
+whose code changed but whose output did not (a comment, a refactor) leaves everything downstream skipped, as
+Bazel's early cutoff does. The price is that a downstream version is known only once its upstream has run: a
+dry run (stages/plan.py) lists those as "after <upstream>, unless its output comes out unchanged".
 
 Stages whose work splits into independent units (ingest: one input file; filter: one shard) also resume: each
 unit writes its outputs, then a completion marker in `_progress/` holding its result (datatrove's
@@ -54,6 +62,21 @@ def stage_identity(module_name: str, cfg: PipelineConfig, section: str, inputs, 
     return {"code": code, "config": cfg.section_digest(section), "inputs": inputs}
 
 
+def versioned_output(stage: str, folder: str, cfg: PipelineConfig, identity: dict) -> StageOutput:
+    """`{root}/{folder}/{version}`: where the output of this identity lives."""
+    return StageOutput(stage, storage.join(cfg.storage.root, folder, storage.version_of(identity)), cfg.storage)
+
+
+def other_versions(output: StageOutput) -> list[dict]:
+    """Manifests of the stage's other committed versions beside `output`, newest first."""
+    parent = output.uri.rstrip("/").rsplit("/", 1)[0]
+    found = []
+    for uri in storage.expand(storage.join(parent, "*", storage.MANIFEST), output.storage):
+        if uri.rsplit("/", 1)[0] != output.uri.rstrip("/"):
+            found.append({**storage.read_json(uri, output.storage), "uri": uri.rsplit("/", 1)[0]})
+    return sorted(found, key=lambda m: m.get("created_unix", 0), reverse=True)
+
+
 PROGRESS = "_progress"
 
 
@@ -94,14 +117,18 @@ def _run_unit(job: tuple, work: Callable) -> None:
     work(*job)
 
 
-def run_stage(output: StageOutput, identity: dict, build: Callable[[], StageResult], log: Log) -> dict:
-    if output.is_current(identity):
+def run_stage(
+    output: StageOutput, identity: dict, build: Callable[[], StageResult], log: Log, force: bool = False
+) -> dict:
+    """Skip when `output` holds `identity` (unless `force`), resume an interrupted build of it, or build it."""
+    if output.is_current(identity) and not force:
         stats = storage.read_json(output.path(storage.STATS), output.storage)
         log(f"{output.stage}: up to date at {output.uri}, skipped")
         return {**stats, "skipped": True}
     started_as = output.path(PROGRESS, "identity.json")
     if (
-        output.manifest() is None
+        not force
+        and output.manifest() is None
         and storage.exists(started_as, output.storage)
         and (storage.read_json(started_as, output.storage) == identity)
     ):
@@ -109,7 +136,7 @@ def run_stage(output: StageOutput, identity: dict, build: Callable[[], StageResu
     else:
         output.reset()
         storage.write_json(started_as, identity, output.storage)
-        log(f"{output.stage}: building {output.uri}")
+        log(f"{output.stage}: {'rebuilding (forced)' if force else 'building'} {output.uri}")
     started = time.perf_counter()
     result = build()
     seconds = time.perf_counter() - started

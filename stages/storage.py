@@ -177,6 +177,11 @@ def digest_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def version_of(identity: dict) -> str:
+    """The folder name of an output: a digest of what it is a function of."""
+    return digest_of(identity)[:12]
+
+
 @dataclass
 class StageOutput:
     """A stage's output folder and its manifest: the unit of commit and skip."""

@@ -25,7 +25,15 @@ from stages.config import PipelineConfig, StorageConfig
 from stages.decontaminate import is_contaminated
 from stages.dedup import output as dedup_output
 from stages.documents import read_texts
-from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
+from stages.stage import (
+    Log,
+    StageResult,
+    committed_shards,
+    run_stage,
+    stage_identity,
+    upstream_digest,
+    versioned_output,
+)
 from stages.storage import StageOutput
 from stages.tokenizer import FILENAME as TOKENIZER_FILE
 from stages.tokenizer import output as tokenizer_output
@@ -101,8 +109,23 @@ def _read_jsonl(uri: str, cfg: StorageConfig | None):
             yield json.loads(line)
 
 
+def identity(cfg: PipelineConfig) -> dict:
+    ec = cfg.evaluate
+    inputs = {
+        "dedup": upstream_digest(dedup_output(cfg)),
+        "tokenizer": upstream_digest(tokenizer_output(cfg)),
+        "decontamination": {
+            "heldout": "heldout_ppl" in ec.tasks,
+            "files": {uri: storage.raw_fingerprint(uri, cfg.storage) for uri in ec.decontaminate_with},
+        },
+    }
+    return stage_identity(__name__, cfg, "tokenize", inputs, helpers=(decontaminate,))
+
+
 def output(cfg: PipelineConfig) -> StageOutput:
-    return StageOutput("tokenize", storage.join(cfg.storage.root, "tokens"), cfg.storage)
+    """The tokenized dataset: train/ and val/ (LitData TokensLoader shards), val_docs.jsonl and a copy of the
+    tokenizer.json that made them, so the folder alone is enough to train and evaluate on."""
+    return versioned_output("tokenize", "tokens", cfg, identity(cfg))
 
 
 def pin_index(uri: str, cfg: StorageConfig | None) -> dict:
@@ -122,22 +145,15 @@ def token_count(index: dict) -> int:
     return sum(chunk["dim"] for chunk in index["chunks"])
 
 
-def run(cfg: PipelineConfig, log: Log = print) -> dict:
+def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
     from litdata import TokensLoader, optimize
 
-    upstream, tok_out, out = dedup_output(cfg), tokenizer_output(cfg), output(cfg)
+    upstream, tok_out = dedup_output(cfg), tokenizer_output(cfg)
     shards = committed_shards(upstream)
     ec = cfg.evaluate
-    decontamination = {
-        "heldout": "heldout_ppl" in ec.tasks,
-        "files": {uri: storage.raw_fingerprint(uri, cfg.storage) for uri in ec.decontaminate_with},
-    }
-    inputs = {
-        "dedup": upstream_digest(upstream),
-        "tokenizer": upstream_digest(tok_out),
-        "decontamination": decontamination,
-    }
-    identity = stage_identity(__name__, cfg, "tokenize", inputs, helpers=(decontaminate,))
+    ident = identity(cfg)
+    decontamination = ident["inputs"]["decontamination"]
+    out = versioned_output("tokenize", "tokens", cfg, ident)
     tc = cfg.tokenize
 
     def build() -> StageResult:
@@ -172,6 +188,9 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
             tokenizer_path = str(Path(tmp) / TOKENIZER_FILE)
             with storage.open_uri(tok_out.path(TOKENIZER_FILE), "rb", cfg.storage) as f:
                 Path(tokenizer_path).write_bytes(f.read())
+            with storage.atomic_write(out.path(TOKENIZER_FILE), cfg.storage) as f:
+                f.write(Path(tokenizer_path).read_bytes())
+            files.append(TOKENIZER_FILE)
             for split in SPLITS:
                 split_uri = out.path(split)
                 sources = shard_uris if split == "train" else [out.path(VAL_DOCS)]
@@ -211,4 +230,4 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         total = sum(counts["tokens"].values())
         return StageResult(files, counts, {"tokens_total": total, "decontamination_ngrams": len(banned)})
 
-    return run_stage(out, identity, build, log)
+    return run_stage(out, ident, build, log, force)

@@ -26,7 +26,15 @@ from stages import storage
 from stages.config import PipelineConfig, TokenizerConfig
 from stages.dedup import output as dedup_output
 from stages.documents import read_docs
-from stages.stage import Log, StageResult, committed_shards, run_stage, stage_identity, upstream_digest
+from stages.stage import (
+    Log,
+    StageResult,
+    committed_shards,
+    run_stage,
+    stage_identity,
+    upstream_digest,
+    versioned_output,
+)
 from stages.storage import StageOutput
 
 FILENAME = "tokenizer.json"
@@ -85,8 +93,14 @@ def sample_texts(cfg: PipelineConfig, shard_uris: list[str]) -> Iterator[str]:
             yield text
 
 
+def identity(cfg: PipelineConfig) -> dict:
+    tc = cfg.tokenizer
+    source = fingerprint_given(tc.path) if tc.path else {"trained_on": upstream_digest(dedup_output(cfg))}
+    return stage_identity(__name__, cfg, "tokenizer", source)
+
+
 def output(cfg: PipelineConfig) -> StageOutput:
-    return StageOutput("tokenizer", storage.join(cfg.storage.root, "tokenizer"), cfg.storage)
+    return versioned_output("tokenizer", "tokenizer", cfg, identity(cfg))
 
 
 def load(cfg: PipelineConfig):
@@ -103,12 +117,10 @@ def check_special_tokens(tokenizer, tc: TokenizerConfig) -> None:
             raise ValueError(f"tokenizer.{field}: {token!r} is not in the tokenizer's vocabulary")
 
 
-def run(cfg: PipelineConfig, log: Log = print) -> dict:
+def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
     tc = cfg.tokenizer
-    out = output(cfg)
-    upstream = dedup_output(cfg)
-    source = fingerprint_given(tc.path) if tc.path else {"trained_on": upstream_digest(upstream)}
-    identity = stage_identity(__name__, cfg, "tokenizer", source)
+    ident = identity(cfg)
+    out = versioned_output("tokenizer", "tokenizer", cfg, ident)
 
     def build() -> StageResult:
         chars = 0
@@ -116,6 +128,7 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
             tokenizer = load_given(tc.path)
             log(f"tokenizer: loaded {tc.path}")
         else:
+            upstream = dedup_output(cfg)
             shard_uris = [upstream.path(s) for s in committed_shards(upstream)]
 
             def counted() -> Iterator[str]:
@@ -137,4 +150,4 @@ def run(cfg: PipelineConfig, log: Log = print) -> dict:
         }
         return StageResult([FILENAME], counts, {"trained": not tc.path, "train_chars": chars})
 
-    return run_stage(out, identity, build, log)
+    return run_stage(out, ident, build, log, force)

@@ -63,17 +63,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stages import loader as loader_lib
 from stages import scaling, storage
-from stages.checkpoints import (
-    META,
-    METRICS,
-    checkpoint_uri,
-    checkpoints_uri,
-    complete_checkpoints,
-    dcp_reader,
-    dcp_writer,
-)
+from stages.checkpoints import META, METRICS, complete_checkpoints, dcp_reader, dcp_writer, step_uri
 from stages.config import PipelineConfig
-from stages.launch import METRIC_PREFIX, SUMMARY_PREFIX, run_digest, tokenizer_vocab_size, tokens_manifest_digest
+from stages.launch import METRIC_PREFIX, SUMMARY_PREFIX, run_identity, run_uri, tokenizer_uri, tokenizer_vocab_size
 from stages.model import Transformer
 
 
@@ -321,8 +313,9 @@ class Checkpointer:
     coordinator means every rank's data and the global metadata are written.
     """
 
-    def __init__(self, cfg: PipelineConfig, device: torch.device, data_index: str):
+    def __init__(self, cfg: PipelineConfig, run: str, device: torch.device, data_index: str):
         self.cfg = cfg
+        self.run = run
         self.device = device
         self.data_index = data_index  # index_digest of the training data, recorded in every meta.json
         self.rank = dist.get_rank()
@@ -332,7 +325,7 @@ class Checkpointer:
 
     def save(self, step: int, model, optimizer, scheduler, batches, guard, train_state: dict, meta: dict) -> str:
         self.wait()
-        uri = checkpoint_uri(self.cfg, step)
+        uri = step_uri(self.run, step)
         if self.rank == 0 and storage.exists(uri, self.cfg.storage):
             storage.remove(uri, self.cfg.storage)  # an incomplete earlier attempt (no meta.json) or a stale folder
         dist.barrier()
@@ -378,7 +371,7 @@ class Checkpointer:
         log(f"checkpoint {uri} (val_loss {meta.get('val_loss')})")
         keep = self.cfg.train.keep_last
         if keep:
-            for _, old in complete_checkpoints(self.cfg.storage.root, self.cfg.storage)[:-keep]:
+            for _, old in complete_checkpoints(self.run, self.cfg.storage)[:-keep]:
                 if old != uri:
                     storage.remove(old, self.cfg.storage)
 
@@ -432,13 +425,13 @@ class Checkpointer:
         set_model_state_dict(model, state["model"])
 
 
-def pick_resume(cfg: PipelineConfig, max_steps: int) -> str | None:
+def pick_resume(cfg: PipelineConfig, run: str, max_steps: int) -> str | None:
     """The checkpoint to resume from, per train.resume (rank 0 decides for everyone)."""
     mode = cfg.train.resume
     if mode == "none":
         return None
     if mode == "auto":
-        found = [c for c in complete_checkpoints(cfg.storage.root, cfg.storage) if c[0] <= max_steps]
+        found = [c for c in complete_checkpoints(run, cfg.storage) if c[0] <= max_steps]
         return found[-1][1] if found else None
     if not storage.exists(storage.join(mode, META), cfg.storage):
         raise FileNotFoundError(f"train.resume {mode}: no {META}, not a complete checkpoint")
@@ -454,9 +447,9 @@ class MetricsLog:
     append, so there the file is rewritten at each checkpoint and at the end. On start, lines after the step
     being resumed from (left by a run that crashed after its last checkpoint) are dropped."""
 
-    def __init__(self, cfg: PipelineConfig, start_step: int):
+    def __init__(self, cfg: PipelineConfig, run: str, start_step: int):
         self.cfg = cfg
-        self.uri = storage.join(checkpoints_uri(cfg), METRICS)
+        self.uri = storage.join(run, METRICS)
         self.remote = storage.is_remote(self.uri)
         self.lines: list[str] = []
         if storage.exists(self.uri, cfg.storage) and start_step > 0:
@@ -500,10 +493,6 @@ def emit(prefix: str, record: dict) -> None:
 # main
 
 
-def load_tokenizer_vocab(cfg: PipelineConfig) -> tuple[int, str]:
-    return tokenizer_vocab_size(cfg), storage.join(cfg.storage.root, "tokenizer", "tokenizer.json")
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank: CUDA's allocator peak, or on CPU the process's peak resident set."""
     if device.type == "cuda":
@@ -528,7 +517,9 @@ def train(cfg: PipelineConfig) -> dict:
         )
     accum = global_batch // (t.micro_batch_size * world)
 
-    vocab_size, tokenizer_uri = load_tokenizer_vocab(cfg)
+    vocab_size = tokenizer_vocab_size(cfg)
+    identity = run_identity(cfg)
+    run = run_uri(cfg, identity)
     max_steps, budget_source = scaling.planned_steps(cfg.model, t, vocab_size)
     flops_per_token = scaling.flops_per_token(cfg.model, vocab_size, t.seq_len)
     peak = device_peak_flops(device)
@@ -537,7 +528,7 @@ def train(cfg: PipelineConfig) -> dict:
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, max_steps)
     guard = DivergenceGuard(t.grad_spike_factor, t.warmup_steps)
-    checkpointer = Checkpointer(cfg, device, loader_lib.index_digest(cfg, "train"))
+    checkpointer = Checkpointer(cfg, run, device, loader_lib.index_digest(cfg, "train"))
     tokens_per_step = global_batch * t.seq_len
     log(
         f"world={world} device={device.type} backend={dist.get_backend()}; model {n_params:,} parameters, vocab "
@@ -550,7 +541,7 @@ def train(cfg: PipelineConfig) -> dict:
     )
     val_batches = load_val_batches(cfg, device)
 
-    choice = [pick_resume(cfg, max_steps) if rank == 0 else None]
+    choice = [pick_resume(cfg, run, max_steps) if rank == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     step, tokens_seen, resumed_from = 0, 0, choice[0]
     if resumed_from is not None:
@@ -562,9 +553,7 @@ def train(cfg: PipelineConfig) -> dict:
         log(f"initial weights from {t.initial_checkpoint}")
     start_step = step
 
-    tokens_digest = tokens_manifest_digest(cfg)
-    digest = run_digest(cfg, tokens_digest)
-    metrics = MetricsLog(cfg, start_step) if rank == 0 else None
+    metrics = MetricsLog(cfg, run, start_step) if rank == 0 else None
     batches = loader_lib.Batches(loader, t.micro_batch_size, log)
 
     first_loss = final_loss = val_loss = None
@@ -651,16 +640,18 @@ def train(cfg: PipelineConfig) -> dict:
                     "val_loss": val_now,
                     "model": cfg.model.model_dump(),
                     "vocab_size": vocab_size,
-                    "tokenizer_uri": tokenizer_uri,
-                    "run_digest": digest,
-                    "tokens_digest": tokens_digest,
+                    "tokenizer_uri": tokenizer_uri(cfg),
+                    "data_uri": cfg.train.data,
+                    # lineage: the run's version (its folder) and what it is a function of
+                    "run_version": run.rsplit("/", 1)[1],
+                    "run_identity": identity,
                     "tokens_index_sha256": checkpointer.data_index,
                     "world_size": world,
                     "seq_len": t.seq_len,
                     "max_steps": max_steps,
                 }
                 if step == max_steps:
-                    meta["summary"] = run_summary(checkpoint_uri(cfg, step))
+                    meta["summary"] = run_summary(step_uri(run, step))
                 checkpointer.save(
                     step, model, optimizer, scheduler, batches, guard, {"step": step, "tokens_seen": tokens_seen}, meta
                 )

@@ -1,6 +1,6 @@
 """What a finished training run shows people: the loss curve (PNG) and a table of its metrics.
 
-Both are built from `{root}/checkpoints/metrics.jsonl` (rank 0's per-step records), so they describe the whole run
+Both are built from the run folder's `metrics.jsonl` (rank 0's per-step records), so they describe the whole run
 even when it was resumed several times. The plot is saved next to the checkpoints as `loss_curve.png`; the flow
 turns it and the table into Prefect artifacts. matplotlib with the Agg backend: no display needed.
 """
@@ -11,14 +11,15 @@ import io
 import json
 
 from stages import storage
-from stages.checkpoints import METRICS, checkpoints_uri
+from stages.checkpoints import METRICS
 from stages.config import PipelineConfig
+from stages.launch import run_uri
 
 PLOT = "loss_curve.png"
 
 
 def read_metrics(cfg: PipelineConfig) -> list[dict]:
-    uri = storage.join(checkpoints_uri(cfg), METRICS)
+    uri = storage.join(run_uri(cfg), METRICS)
     if not storage.exists(uri, cfg.storage):
         return []
     with storage.open_uri(uri, "r", cfg.storage) as f:
@@ -72,7 +73,7 @@ def write(cfg: PipelineConfig) -> dict:
     if not records:
         return {"records": [], "png": None, "png_uri": None}
     png = loss_curve_png(records, title=f"{cfg.name}: {records[-1]['step']} steps")
-    uri = storage.join(checkpoints_uri(cfg), PLOT)
+    uri = storage.join(run_uri(cfg), PLOT)
     with storage.atomic_write(uri, cfg.storage) as f:
         f.write(png)
     return {"records": records, "png": png, "png_uri": uri}

@@ -34,6 +34,11 @@ def docs_in(folder):
     return [d for name in shards for d in read_docs(str(folder / name))]
 
 
+def out_dir(stage, cfg) -> Path:
+    """The local folder of a stage module's output for `cfg` (its versioned path)."""
+    return Path(stage.output(cfg).uri)
+
+
 def ingest_without_filtering(cfg) -> None:
     """Ingest, then commit the ingested shards as the filter stage's output, bypassing its heuristics."""
     ingest.run(cfg, log=lambda _: None)

@@ -10,6 +10,7 @@ import pytest
 from stages import dedup, filter, ingest
 from stages.config import load_config
 from stages.storage import MANIFEST
+from tests.conftest import out_dir
 
 STAGES = (ingest, filter, dedup)  # filter with its cheap rules only: where units run is what is tested
 
@@ -51,8 +52,7 @@ def test_data_stages_on_dask_match_local_processes(small_corpus, cluster, tmp_pa
     for stage in STAGES:
         stage.run(local, log=lambda _: None)
         stage.run(remote, log=lambda _: None)
-        name = stage.output(local).stage
-        manifests = [json.loads((tmp_path / r / name / MANIFEST).read_text()) for r in ("local", "dask")]
+        manifests = [json.loads((out_dir(stage, c) / MANIFEST).read_text()) for c in (local, remote)]
         assert manifests[0]["files"] == manifests[1]["files"] and manifests[0]["counts"] == manifests[1]["counts"]
         assert manifests[0]["identity"] == manifests[1]["identity"]  # where it ran is not part of what it is
     assert "run_unit" in units_run_by(cluster)  # the units ran on the cluster
@@ -73,6 +73,6 @@ def test_flow_submits_data_stages_to_the_cluster_with_prefect_dask(small_corpus,
     before = set(units_run_by(cluster))
     with prefect_test_harness(server_startup_timeout=60):
         stats = ingest_on_cluster()
-    assert stats["docs_out"] > 0 and (tmp_path / "ingest" / MANIFEST).is_file()
+    assert stats["docs_out"] > 0 and (out_dir(ingest, cfg) / MANIFEST).is_file()
     ran = units_run_by(cluster) - before
     assert "run_stage_task" in ran, ran  # the Prefect task itself ran on a Dask worker (flows/pretrain.py)

@@ -20,7 +20,7 @@ from stages.config import load_config
 from stages.documents import read_docs
 from stages.parallel import map_in_processes
 from stages.storage import MANIFEST, STATS
-from tests.conftest import docs_in, ingest_without_filtering
+from tests.conftest import docs_in, ingest_without_filtering, out_dir
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +47,25 @@ def test_ingest_reads_all_three_formats_into_one_table(pipeline, small_corpus):
     assert set(s["docs_by_format"]) == {"jsonl", "parquet", "warc"}
     assert s["docs_by_format"]["parquet"] == 150
     assert s["docs_out"] + s["quarantined_total"] == s["records_in"]
-    table = pq.read_table(root / "ingest" / sorted(json.loads((root / "ingest" / MANIFEST).read_text())["files"])[0])
+    folder = out_dir(ingest, cfg)
+    table = pq.read_table(folder / sorted(json.loads((folder / MANIFEST).read_text())["files"])[0])
     assert table.column_names == ["id", "text", "source", "url", "metadata"]
-    warc_docs = [d for d in docs_in(root / "ingest") if d.source.endswith(".warc.gz")]
+    warc_docs = [d for d in docs_in(out_dir(ingest, cfg)) if d.source.endswith(".warc.gz")]
     assert warc_docs and all(d.url.startswith("http") for d in warc_docs)
     # trafilatura extracted text, not markup
     assert not any("<html" in d.text.lower() or "</div>" in d.text for d in warc_docs)
-    assert len({d.id for d in docs_in(root / "ingest")}) == s["docs_out"]
+    assert len({d.id for d in docs_in(out_dir(ingest, cfg))}) == s["docs_out"]
 
 
 def test_stage_writes_stats_and_manifest_with_checksums(pipeline):
     cfg, root, stats = pipeline
-    for folder in ("ingest", "filter", "dedup", "tokenizer", "tokens"):
-        manifest = json.loads((root / folder / MANIFEST).read_text())
+    for stage in (ingest, filter, dedup, tokenizer, tokenize):
+        folder = out_dir(stage, cfg)
+        assert folder.parent.parent == root  # {root}/{stage}/{version}
+        manifest = json.loads((folder / MANIFEST).read_text())
         for name, entry in manifest["files"].items():
-            assert storage.file_digest(str(root / folder / name)) == entry
-        assert json.loads((root / folder / STATS).read_text())["seconds"] >= 0
+            assert storage.file_digest(str(folder / name)) == entry
+        assert json.loads((folder / STATS).read_text())["seconds"] >= 0
 
 
 def test_filter_counts_removals_per_rule_and_keeps_removed_docs(pipeline):
@@ -75,9 +78,9 @@ def test_filter_counts_removals_per_rule_and_keeps_removed_docs(pipeline):
     assert s["removed"]["language"] > 0 and s["removed"]["gopher_quality"] > 0
     assert s["bytes_out"] + sum(s["removed_bytes"].values()) <= s["bytes_in"]
     assert all(s["removed_bytes"][r] > 0 for r in rules if s["removed"][r])
-    kept = docs_in(root / "filter")
+    kept = docs_in(out_dir(filter, cfg))
     assert kept and all(d.metadata["language"] == "en" and d.metadata["language_score"] >= 0.65 for d in kept)
-    removed = [d for f in (root / "filter" / "removed").glob("*.parquet") for d in read_docs(str(f))]
+    removed = [d for f in (out_dir(filter, cfg) / "removed").glob("*.parquet") for d in read_docs(str(f))]
     sampled = Counter(d.metadata["removed_by"].split(":")[0] for d in removed)
     # a bounded sample per rule and shard, and every rule that removed something has examples
     assert all(
@@ -103,11 +106,11 @@ def test_tokenize_split_is_disjoint_deterministic_and_counted(pipeline):
     cfg, root, stats = pipeline
     s = stats["tokenize"]
     assert s["docs"]["train"] + s["docs"].get("val", 0) == stats["dedup"]["docs_out"]
-    val_ids = [json.loads(line)["id"] for line in (root / "tokens" / "val_docs.jsonl").read_text().splitlines()]
+    val_ids = [json.loads(line)["id"] for line in (out_dir(tokenize, cfg) / "val_docs.jsonl").read_text().splitlines()]
     assert len(val_ids) == s["docs"].get("val", 0)
     assert all(tokenize.split_of(i, cfg.tokenize.val_fraction) == "val" for i in val_ids)
     eos = stats["tokenizer"]["eos_id"]
-    train = StreamingDataset(str(root / "tokens" / "train"), item_loader=TokensLoader(block_size=64))
+    train = StreamingDataset(str(out_dir(tokenize, cfg) / "train"), item_loader=TokensLoader(block_size=64))
     tokens = [t for block in train for t in block.tolist()]
     assert len(tokens) == (s["tokens"]["train"] // 64) * 64
     assert tokens.count(eos) >= len(tokens) // 64 // 20  # documents are separated by EOS
@@ -115,22 +118,32 @@ def test_tokenize_split_is_disjoint_deterministic_and_counted(pipeline):
 
 def test_rerun_skips_every_stage_and_config_change_rebuilds(pipeline):
     cfg, root, stats = pipeline
-    manifest_before = (root / "dedup" / MANIFEST).read_text()
+    manifest_before = (out_dir(dedup, cfg) / MANIFEST).read_text()
     for stage in (ingest, filter, dedup, tokenizer, tokenize):
         assert stage.run(cfg, log=lambda _: None)["skipped"] is True
-    assert (root / "dedup" / MANIFEST).read_text() == manifest_before
+    assert (out_dir(dedup, cfg) / MANIFEST).read_text() == manifest_before
     changed = cfg.model_copy(deep=True)
     changed.dedup.threshold = 0.9
     assert dedup.run(changed, log=lambda _: None)["skipped"] is False
     assert tokenizer.run(changed, log=lambda _: None)["skipped"] is False  # its input changed
+    # The new version lives beside the old one: switching back is free.
+    assert out_dir(dedup, changed) != out_dir(dedup, cfg)
+    assert out_dir(dedup, changed).parent == out_dir(dedup, cfg).parent
+    assert (out_dir(dedup, cfg) / MANIFEST).read_text() == manifest_before
+    assert dedup.run(cfg, log=lambda _: None)["skipped"] is True
+    # force: rebuilt in place, the same bytes
+    lines: list[str] = []
+    assert dedup.run(cfg, log=lines.append, force=True)["skipped"] is False
+    assert any("rebuilding (forced)" in line for line in lines)
+    assert json.loads((out_dir(dedup, cfg) / MANIFEST).read_text())["files"] == json.loads(manifest_before)["files"]
 
 
 def test_incomplete_output_is_rebuilt(pipeline):
     cfg, root, stats = pipeline
-    (root / "filter" / MANIFEST).unlink()
-    (root / "filter" / "garbage.tmp-1234").write_text("half a file")
+    (out_dir(filter, cfg) / MANIFEST).unlink()
+    (out_dir(filter, cfg) / "garbage.tmp-1234").write_text("half a file")
     s = filter.run(cfg, log=lambda _: None)
-    assert s["skipped"] is False and not (root / "filter" / "garbage.tmp-1234").exists()
+    assert s["skipped"] is False and not (out_dir(filter, cfg) / "garbage.tmp-1234").exists()
     assert s["docs_out"] == stats["filter"]["docs_out"]
 
 
@@ -142,8 +155,8 @@ def test_output_does_not_depend_on_worker_count(pipeline, tmp_path):
     serial.ingest.workers = serial.filter.workers = 1
     for stage in (ingest, filter):
         stage.run(serial, log=lambda _: None)
-        parallel_files = json.loads((root / stage.output(cfg).stage / MANIFEST).read_text())["files"]
-        serial_files = json.loads((tmp_path / stage.output(cfg).stage / MANIFEST).read_text())["files"]
+        parallel_files = json.loads((out_dir(stage, cfg) / MANIFEST).read_text())["files"]
+        serial_files = json.loads((out_dir(stage, serial) / MANIFEST).read_text())["files"]
         assert serial_files == parallel_files
     assert cfg.section_digest("ingest", "filter") == serial.section_digest("ingest", "filter")
 
@@ -164,23 +177,23 @@ def test_ingest_reads_inputs_from_s3_like_local_files(pipeline, small_corpus, s3
     )
     s = ingest.run(remote, log=lambda _: None)
     assert s["docs_by_format"] == stats["ingest"]["docs_by_format"]
-    local_docs = [(d.id, d.text, d.url) for d in docs_in(root / "ingest")]
-    remote_docs = [(d.id, d.text, d.url) for d in docs_in(tmp_path / "ingest")]
+    local_docs = [(d.id, d.text, d.url) for d in docs_in(out_dir(ingest, cfg))]
+    remote_docs = [(d.id, d.text, d.url) for d in docs_in(out_dir(ingest, remote))]
     assert remote_docs == local_docs
-    assert all(d.source.startswith(f"s3://{bucket}/raw/") for d in docs_in(tmp_path / "ingest"))
+    assert all(d.source.startswith(f"s3://{bucket}/raw/") for d in docs_in(out_dir(ingest, remote)))
 
 
 def test_tokenizer_stage_loads_an_existing_tokenizer(pipeline, tmp_path):
     cfg, root, stats = pipeline
     given = tmp_path / "given.json"
-    given.write_text((root / "tokenizer" / "tokenizer.json").read_text())
+    given.write_text((out_dir(tokenizer, cfg) / "tokenizer.json").read_text())
     reuse = cfg.model_copy(deep=True)
     reuse.storage.root = str(tmp_path / "out")
     reuse.tokenizer.path = str(given)
     (tmp_path / "out").mkdir()
     s = tokenizer.run(reuse, log=lambda _: None)
     assert s["trained"] is False and s["vocab_size"] == stats["tokenizer"]["vocab_size"]
-    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").read_text() == given.read_text()
+    assert (out_dir(tokenizer, reuse) / "tokenizer.json").read_text() == given.read_text()
 
 
 def test_malformed_records_are_quarantined_and_every_record_is_accounted_for(tmp_path):
@@ -259,7 +272,7 @@ def test_malformed_records_are_quarantined_and_every_record_is_accounted_for(tmp
     assert s["records_in"] == s["docs_out"] + s["quarantined_total"]
     quarantine = [
         json.loads(line)
-        for f in sorted((tmp_path / "out" / "ingest" / "quarantine").glob("*.jsonl"))
+        for f in sorted((out_dir(ingest, cfg) / "quarantine").glob("*.jsonl"))
         for line in f.read_text().splitlines()
     ]
     assert len(quarantine) == s["quarantined_total"]
@@ -273,7 +286,7 @@ def test_malformed_records_are_quarantined_and_every_record_is_accounted_for(tmp
         "line 7": "not_an_object",
         "line 8": "not_utf8",
     }
-    docs = {d.id: d for d in docs_in(tmp_path / "out" / "ingest")}
+    docs = {d.id: d for d in docs_in(out_dir(ingest, cfg))}
     assert docs["ok-1"].url == "https://example.org/1" and docs["ok-1"].metadata == {"lang": "en"}
     assert "a.jsonl.gz/10" in docs and docs["a.jsonl.gz/10"].text.endswith("Second.")
     assert any(d.url == "https://example.org/wet/0" and d.text == good for d in docs.values())
@@ -314,7 +327,7 @@ def test_url_badwords_pii_rules_and_configured_thresholds(tmp_path):
     s = filter.run(cfg, log=lambda _: None)
     assert "gopher_repetition" not in s["removed"]
     assert (s["removed"]["url"], s["removed"]["c4_badwords"], s["removed"]["gopher_quality"]) == (1, 1, 1)
-    kept = {d.id: d.text for d in docs_in(tmp_path / "out" / "filter")}
+    kept = {d.id: d.text for d in docs_in(out_dir(filter, cfg))}
     assert list(kept) == ["pii"] and s["pii_redacted_docs"] == 1
     assert "jane.doe@mail.example.com" not in kept["pii"] and "8.8.8.8" not in kept["pii"]
     assert "192.168.1.7" in kept["pii"]  # private addresses are not personal data
@@ -364,7 +377,7 @@ def test_tokenize_drops_training_docs_sharing_13_grams_with_evaluation_texts(sma
     assert s["removed"] == {"decontaminated": 2}
     from litdata import StreamingDataset, TokensLoader
 
-    stream = StreamingDataset(str(tmp_path / "out" / "tokens" / "train"), item_loader=TokensLoader(block_size=1))
+    stream = StreamingDataset(str(out_dir(tokenize, cfg) / "train"), item_loader=TokensLoader(block_size=1))
     eos = tokenizer.load(cfg).token_to_id(cfg.tokenizer.eos_token)
     assert sum(int(t[0]) == eos for t in stream) == len(train) - 2  # one EOS per document kept
 
@@ -393,14 +406,14 @@ def test_quality_classifier_is_trained_evaluated_and_applied(small_corpus, tmp_p
     assert q["examples"]["positive"] == len(reference) and q["examples"]["negative"] == 300  # capped: max_examples
     assert q["held_out_precision"] >= 0.9 and q["held_out_recall"] >= 0.9
     assert list(s["removed"])[-1] == "quality" and s["removed"]["quality"] > 0
-    assert (tmp_path / "out" / "filter" / q["model"]).is_file()
+    assert (out_dir(filter, cfg) / q["model"]).is_file()
 
     # Python's documentation (pages and reST sources, like the reference corpus) survives the classifier
     def python_share(docs) -> float:
         python = ["docs.python.org" in (d.url or "") or d.metadata.get("kind") == "rest-source" for d in docs]
         return sum(python) / len(docs)
 
-    pool, kept = docs_in(tmp_path / "out" / "ingest"), docs_in(tmp_path / "out" / "filter")
+    pool, kept = docs_in(out_dir(ingest, cfg)), docs_in(out_dir(filter, cfg))
     assert python_share(kept) >= 0.75 and python_share(kept) >= 3 * python_share(pool)
 
     top = load_config("tiny", {**overrides, "filter.quality.keep_top_fraction": 0.2})  # same ingest, new filter
@@ -446,3 +459,27 @@ def extract_with_a_timeout_between(_) -> list[str]:
 def test_extraction_sandbox_restarts_after_a_timeout_inside_worker_processes():
     # our workers start with forkserver, where datatrove's own sandbox fails to restart ('cannot pickle weakref')
     assert map_in_processes(extract_with_a_timeout_between, [0, 1], workers=2) == [["A", "timeout", "B"]] * 2
+
+
+def test_plan_says_what_would_run_and_why(pipeline):
+    from stages import plan
+
+    cfg, root, stats = pipeline
+    rows = {r["stage"]: r for r in plan.plan(cfg)}
+    assert [rows[s]["action"] for s in plan.DATA_STAGES] == ["skip"] * 5
+    assert rows["tokenize"]["output"] == str(out_dir(tokenize, cfg))
+    assert rows["train"]["action"] == "run" and rows["train"]["reason"].startswith("never trained")
+    assert rows["evaluate"] == {"stage": "evaluate", "action": "run", "reason": "after train", "output": ""}
+
+    changed = cfg.model_copy(deep=True)
+    changed.filter.c4_quality.min_words_per_line = 4  # a filter setting never used before
+    rows = {r["stage"]: r for r in plan.plan(changed, force=["ingest"])}
+    assert rows["ingest"]["action"] == "run" and rows["ingest"]["reason"] == "forced"
+    assert rows["filter"]["reason"] == "after ingest, unless its output comes out unchanged"
+    rows = {r["stage"]: r for r in plan.plan(changed)}
+    assert rows["ingest"]["action"] == "skip"
+    assert rows["filter"]["action"] == "run" and rows["filter"]["reason"].startswith("config section changed since ")
+    assert rows["dedup"]["reason"] == "after filter, unless its output comes out unchanged"
+    assert "| filter | run | config section changed" in plan.markdown(plan.plan(changed))
+    with pytest.raises(ValueError, match=r"force: unknown stage\(s\) \['tokenise'\]"):
+        plan.plan(cfg, force=["tokenise"])

@@ -8,7 +8,6 @@ import json
 import random
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,7 +16,7 @@ import pytest
 from stages import dedup, minhash
 from stages.config import load_config
 from stages.storage import MANIFEST
-from tests.conftest import SAMPLE, docs_in, free_port, ingest_without_filtering, wait_for_port
+from tests.conftest import SAMPLE, docs_in, free_port, ingest_without_filtering, out_dir, wait_for_port
 
 
 def corpus(tmp_path, rows, **overrides):
@@ -47,14 +46,14 @@ def test_exact_and_near_copies_removed_keeping_the_first(tmp_path):
     rows = [("a", base), ("b", unrelated), ("c", near), ("d", base.upper()), ("e", near)]
     cfg = corpus(tmp_path, rows)
     s = dedup.run(cfg, log=lambda _: None)
-    kept = [d.id for d in docs_in(tmp_path / "out" / "dedup")]
+    kept = [d.id for d in docs_in(out_dir(dedup, cfg))]
     assert kept == ["a", "b"]
     assert s["removed"] == {"exact": 2, "near": 1}  # d (case-folded copy of a) and e exact; c near
     assert s["cluster_size_histogram"] == {"4": 1}  # a, c, d, e: one cluster, a the earliest survives
     assert s["lsh"]["bands"] == 14 and s["lsh"]["rows"] == 8 and s["lsh"]["implied_threshold"] == 0.719
     assert s["docs_in"] == 5 and s["docs_out"] == 2 and s["bytes_out"] < s["bytes_in"]
-    assert not (tmp_path / "out" / "dedup" / dedup.WORK).exists()  # scratch removed after the commit
-    listed = pq.read_table(next((tmp_path / "out" / "dedup" / dedup.REMOVED).glob("*.parquet"))).to_pylist()
+    assert not (out_dir(dedup, cfg) / dedup.WORK).exists()  # scratch removed after the commit
+    listed = pq.read_table(next((out_dir(dedup, cfg) / dedup.REMOVED).glob("*.parquet"))).to_pylist()
     assert {(r["id"], r["kind"], r["survivor_row"]) for r in listed} == {("c", "near", 0), ("d", "exact", 0),
                                                                        ("e", "exact", 0)}  # fmt: skip
 
@@ -91,8 +90,14 @@ def planted(tmp_path_factory):
     return cfg, similarity
 
 
-def removed_variants(root) -> set[int]:
-    kept = {d.id for d in docs_in(root / "dedup")}
+def copy_upstream(cfg, run_cfg) -> None:
+    """The ingest and filter outputs of `cfg` under `run_cfg`'s root (same identities, so the same versions)."""
+    for stage in ("ingest", "filter"):
+        shutil.copytree(f"{cfg.storage.root}/{stage}", f"{run_cfg.storage.root}/{stage}")
+
+
+def removed_variants(cfg) -> set[int]:
+    kept = {d.id for d in docs_in(out_dir(dedup, cfg))}
     assert all(d.startswith("var-") for d in {f"base-{i:03d}" for i in range(80)} - kept)  # bases always survive
     return {i for i in range(80) if f"var-{i:03d}" not in kept}
 
@@ -103,11 +108,11 @@ def test_verification_keeps_only_pairs_at_the_threshold(planted, tmp_path):
     plain_cfg = with_root(cfg, tmp_path / "plain")  # FineWeb's 14 x 8, no verification
     verified_cfg = with_root(cfg, tmp_path / "verified", threshold=0.8, verify=True)
     for run_cfg in (plain_cfg, verified_cfg):
-        shutil.copytree(f"{cfg.storage.root}/filter", f"{run_cfg.storage.root}/filter")
+        copy_upstream(cfg, run_cfg)
     plain = dedup.run(plain_cfg, log=lambda _: None)
     verified = dedup.run(verified_cfg, log=lambda _: None)
-    assert any(similarity[i] < 0.8 for i in removed_variants(tmp_path / "plain"))  # the S-curve lets some in
-    found = removed_variants(tmp_path / "verified")
+    assert any(similarity[i] < 0.8 for i in removed_variants(plain_cfg))  # the S-curve lets some in
+    found = removed_variants(verified_cfg)
     # precision by construction: no pair below the threshold is joined ...
     assert all(similarity[i] >= 0.8 for i in found)
     # ... while the banding leans to recall: every pair at or above 0.85 is found
@@ -124,9 +129,9 @@ def test_output_is_the_same_however_the_work_is_split(planted, tmp_path):
     }
     manifests = {}
     for name, run_cfg in runs.items():
-        shutil.copytree(f"{cfg.storage.root}/filter", f"{run_cfg.storage.root}/filter")
+        copy_upstream(cfg, run_cfg)
         stats = dedup.run(run_cfg, log=lambda _: None)
-        manifests[name] = json.loads((Path(run_cfg.storage.root) / "dedup" / MANIFEST).read_text())
+        manifests[name] = json.loads((out_dir(dedup, run_cfg) / MANIFEST).read_text())
         manifests[name]["key_ranges"] = stats["lsh"]["key_ranges"]
     one, many = manifests.values()
     assert one["key_ranges"] == 1 and many["key_ranges"] > 8
@@ -177,13 +182,11 @@ def test_redis_index_shared_by_workers_finds_the_same_duplicates(planted, redis_
     tables = with_root(cfg, tmp_path / "tables", workers=1)
     shared = with_root(cfg, tmp_path / "redis", workers=2, index="redis", redis_url=redis_server)
     for run_cfg in (tables, shared):
-        shutil.copytree(f"{cfg.storage.root}/filter", f"{run_cfg.storage.root}/filter")
+        copy_upstream(cfg, run_cfg)
     on_tables = dedup.run(tables, log=lambda _: None)
     on_redis = dedup.run(shared, log=lambda _: None)
     assert on_redis["lsh"]["index"] == "redis" and on_redis["phase_seconds"]["redis_query"] >= 0
     assert on_redis["removed"] == on_tables["removed"] and on_redis["removed"]["near"] > 0
-    assert [d.id for d in docs_in(tmp_path / "redis" / "dedup")] == [
-        d.id for d in docs_in(tmp_path / "tables" / "dedup")
-    ]
+    assert [d.id for d in docs_in(out_dir(dedup, shared))] == [d.id for d in docs_in(out_dir(dedup, tables))]
     client = redis.Redis.from_url(redis_server)
     assert not list(client.scan_iter(match="dedup-*"))  # the run's keys are removed once its pairs are read

@@ -10,11 +10,14 @@ import subprocess
 import sys
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
+from stages import dedup, filter, ingest, launch, tokenize, tokenizer
+from stages.config import load_config
 from stages.storage import MANIFEST
-from tests.conftest import BIN, REPO, free_port
+from tests.conftest import BIN, REPO, free_port, out_dir
 
 STAGES = ["ingest", "filter", "dedup", "tokenizer", "tokenize", "train", "evaluate"]
 
@@ -79,7 +82,7 @@ def assert_run_completed(stack, flow_run_id: str) -> None:
     assert {name: states.get(name) for name in STAGES} == {name: "COMPLETED" for name in STAGES}
     found = artifacts(stack, flow_run_id)
     training = {"train-progress", "train-loss-curve", "train-metrics"}
-    assert {f"{s}-stats" for s in STAGES} | {"data-funnel"} | training <= set(found)
+    assert {f"{s}-stats" for s in STAGES} | {"data-funnel", "plan"} | training <= set(found)
     assert found["train-progress"]["type"] == "progress" and found["train-progress"]["data"] == 100.0
     assert found["train-loss-curve"]["type"] == "image"
     assert found["train-loss-curve"]["data"].startswith("data:image/png;base64,iVBORw0KGgo")  # the PNG signature
@@ -91,26 +94,36 @@ def test_pretrain_full_local(stack, tmp_path):
     root = tmp_path / "outputs"
     flow_run = run_deployment(stack, {"overrides": {"storage.root": str(root)}})
     assert_run_completed(stack, flow_run)
-    for stage in ("ingest", "filter", "dedup", "tokenizer", "tokens"):
-        manifest = json.loads((root / stage / MANIFEST).read_text())
+    cfg = load_config("tiny", {"storage.root": str(root)})
+    for stage in (ingest, filter, dedup, tokenizer, tokenize):
+        manifest = json.loads((out_dir(stage, cfg) / MANIFEST).read_text())
         assert manifest["files"] and all(f["bytes"] > 0 for f in manifest["files"].values()), stage
-    metrics = [json.loads(line) for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    run = Path(launch.run_uri(cfg))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
-    assert (root / "checkpoints" / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert (run / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
     eval_rows = json.loads(artifacts(stack, flow_run)["eval-metrics"]["data"])
     assert {(r["task"], r["metric"]) for r in eval_rows} >= {("heldout_ppl", "bits_per_byte"), ("heldout_mc", "acc")}
 
     # Any checkpoint, evaluated from the `evaluate/checkpoint` deployment with a suite of its own.
-    (first,) = sorted(root.glob("checkpoints/step-000030"))
+    first = run / "step-000030"
     params = {"checkpoint": str(first), "suite": ["heldout_ppl"], "overrides": {"storage.root": str(root)}}
     eval_run = run_deployment(stack, params, deployment="evaluate/checkpoint")
     assert task_states(stack, eval_run) == {"evaluate": "COMPLETED"}
     assert (first / "eval" / "results.json").is_file()
     rows = json.loads(artifacts(stack, eval_run)["eval-metrics"]["data"])
     assert {r["metric"] for r in rows} >= {"bits_per_byte"} and all(r["task"] == "heldout_ppl" for r in rows)
-    results = root / "checkpoints" / "step-000060" / "eval" / "results.json"
+    results = run / "step-000060" / "eval" / "results.json"
     bpb = json.loads(results.read_text())["results"]["heldout_ppl"]["bits_per_byte,none"]
     assert 0 < bpb < 8
+
+    # A dry run with a forced stage: the plan only, everything else up to date, no stage task runs.
+    dry = run_deployment(stack, {"overrides": {"storage.root": str(root)}, "force": ["evaluate"], "dry_run": True})
+    assert task_states(stack, dry) == {}
+    table = artifacts(stack, dry)["plan"]["data"]
+    for stage in STAGES[:-1]:
+        assert f"| {stage} | skip |" in table, table
+    assert "| evaluate | run | forced |" in table
 
 
 def test_pretrain_full_s3(stack):
@@ -133,6 +146,6 @@ def test_pretrain_full_s3(stack):
         aws_secret_access_key="testing",
     )
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="pretrain-tiny", Prefix=prefix)["Contents"]]
-    assert f"{prefix}/tokens/train/index.json" in keys
-    assert any(re.match(rf"{prefix}/checkpoints/step-\d+/meta.json", k) for k in keys)
+    assert any(re.match(rf"{prefix}/tokens/\w+/train/index.json", k) for k in keys)
+    assert any(re.match(rf"{prefix}/train/\w+/step-\d+/meta.json", k) for k in keys)
     assert any(k.endswith("/eval/results.json") for k in keys)

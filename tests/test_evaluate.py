@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
-from stages import checkpoints, evaluate
+from stages import checkpoints, evaluate, launch
 from stages.config import PipelineConfig
 from stages.model import Transformer
 
@@ -95,11 +95,11 @@ def train_tokenizer(path: Path) -> None:
     tok.save(str(path))
 
 
-def save_checkpoint(root: Path, step: int, model: Transformer, tokenizer_uri: str, with_meta: bool = True) -> Path:
+def save_checkpoint(run: Path, step: int, model: Transformer, data: Path, with_meta: bool = True) -> Path:
     """What the trainer writes: a DCP directory with model, optimizer, trainer and loader state, then meta.json."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    ckpt = root / "checkpoints" / f"step-{step:06d}"
+    ckpt = run / f"step-{step:06d}"
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()  # real optimizer state: one step, lr ~ 0
     for group in optim.param_groups:
@@ -122,7 +122,8 @@ def save_checkpoint(root: Path, step: int, model: Transformer, tokenizer_uri: st
             "val_loss": 6.1,
             "model": MODEL,
             "vocab_size": model.vocab_size,
-            "tokenizer_uri": tokenizer_uri,
+            "tokenizer_uri": str(data / "tokenizer.json"),
+            "data_uri": str(data),
         }
         (ckpt / "meta.json").write_text(json.dumps(meta))
     return ckpt
@@ -137,38 +138,44 @@ def make_model(vocab_size: int, seed: int) -> Transformer:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
-    tok_path = root / "tokenizer" / "tokenizer.json"
+    data = root / "tokens"  # a dataset folder as the tokenize stage leaves it, less the shards
+    tok_path = data / "tokenizer.json"
     train_tokenizer(tok_path)
+    (data / "manifest.json").write_text(json.dumps({"digest": "handmade"}))
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tok_path)).get_vocab_size()
     docs = docstrings(VAL_MODULES)[:20]
     assert len(docs) == 20
-    (root / "tokens").mkdir()
-    with open(root / "tokens" / "val_docs.jsonl", "w") as f:
+    with open(data / "val_docs.jsonl", "w") as f:
         for i, text in enumerate(docs):
             f.write(json.dumps({"id": f"val-{i}", "text": text}) + "\n")
-    save_checkpoint(root, 1, make_model(vocab, seed=1), str(tok_path))
-    save_checkpoint(root, 5, make_model(vocab, seed=5), str(tok_path))
-    save_checkpoint(root, 9, make_model(vocab, seed=9), str(tok_path), with_meta=False)  # still being written
     cfg = PipelineConfig.model_validate(
         {
             "ingest": {"inputs": ["unused"]},
             "storage": {"root": str(root)},
             "model": MODEL,
-            "train": {"seq_len": SEQ_LEN},
+            "train": {"seq_len": SEQ_LEN, "data": str(data), "max_steps": 10},
             "evaluate": {"tasks": ["heldout_ppl"], "max_docs": 20, "batch_size": 4},
         }
     )
+    run = run_dir(cfg)
+    save_checkpoint(run, 1, make_model(vocab, seed=1), data)
+    save_checkpoint(run, 5, make_model(vocab, seed=5), data)
+    save_checkpoint(run, 9, make_model(vocab, seed=9), data, with_meta=False)  # still being written
     return cfg, root, docs
+
+
+def run_dir(cfg: PipelineConfig) -> Path:
+    return Path(launch.run_uri(cfg))
 
 
 @pytest.fixture(scope="module")
 def lm(setup):
     cfg, root, _ = setup
-    step, ckpt, meta = checkpoints.latest_checkpoint(cfg.storage.root)
+    step, ckpt, meta = checkpoints.latest_checkpoint(str(run_dir(cfg)))
     model = evaluate.load_model(ckpt, meta)
-    tokenizer = evaluate.load_tokenizer(str(root / "tokenizer" / "tokenizer.json"))
+    tokenizer = evaluate.load_tokenizer(meta["tokenizer_uri"])
     return evaluate.PipelineLM(model, tokenizer, max_length=SEQ_LEN, batch_size=3, device="cpu")
 
 
@@ -185,7 +192,7 @@ def test_run_writes_results_then_skips(setup, lm):
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0 < metrics["bits_per_byte"] < 20
 
-    eval_dir = root / "checkpoints" / "step-000005" / "eval"
+    eval_dir = run_dir(cfg) / "step-000005" / "eval"
     results = json.loads((eval_dir / "results.json").read_text())
     assert results["results"]["heldout_ppl"]["bits_per_byte,none"] == pytest.approx(metrics["bits_per_byte"])
     assert "samples" not in results
@@ -216,16 +223,17 @@ def test_run_writes_results_then_skips(setup, lm):
 
 def test_incomplete_checkpoint_is_ignored(setup):
     cfg, root, _ = setup
-    assert (root / "checkpoints" / "step-000009" / ".metadata").exists()
-    assert [s for s, _ in checkpoints.complete_checkpoints(cfg.storage.root)] == [1, 5]
-    step, ckpt, meta = checkpoints.latest_checkpoint(cfg.storage.root)
+    run = str(run_dir(cfg))
+    assert (run_dir(cfg) / "step-000009" / ".metadata").exists()
+    assert [s for s, _ in checkpoints.complete_checkpoints(run)] == [1, 5]
+    step, ckpt, meta = checkpoints.latest_checkpoint(run)
     assert step == 5 and meta["step"] == 5
     assert checkpoints.latest_checkpoint(str(root / "nowhere")) is None
 
 
 def test_load_model_reads_only_the_model_and_matches_saved_weights(setup):
     cfg, root, _ = setup
-    step, ckpt, meta = checkpoints.latest_checkpoint(cfg.storage.root)
+    step, ckpt, meta = checkpoints.latest_checkpoint(str(run_dir(cfg)))
     loaded = evaluate.load_model(ckpt, meta)
     reference = make_model(meta["vocab_size"], seed=5)
     for name, tensor in reference.state_dict().items():
@@ -348,7 +356,7 @@ def test_heldout_mc_and_a_missing_standard_suite(setup, tmp_path):
     assert set(stats["metrics"]) == {"heldout_ppl", "heldout_mc"}
     assert 0.0 <= stats["metrics"]["heldout_mc"]["acc"] <= 1.0
     assert "hellaswag" in stats["tasks_skipped"] and stats["tasks_skipped"]["hellaswag"]
-    results = json.loads((copy / "checkpoints" / "step-000005" / "eval" / "results.json").read_text())
+    results = json.loads((run_dir(run_cfg) / "step-000005" / "eval" / "results.json").read_text())
     assert results["tasks_skipped"] == stats["tasks_skipped"]
     assert results["n-samples"]["heldout_mc"]["effective"] == 10  # one per held-out doc of 16+ words here
 
@@ -368,14 +376,14 @@ def test_every_steps_evaluates_older_checkpoints_and_compares(setup, tmp_path):
     run_cfg.evaluate.every_steps = 1
     stats = evaluate.run(run_cfg, log=lambda _: None)
     assert stats["step"] == 5 and stats["evaluated_steps"] == [1, 5]  # step 9 has no meta.json: incomplete
-    history = json.loads((copy / "checkpoints" / evaluate.HISTORY).read_text())
+    history = json.loads((run_dir(run_cfg) / evaluate.HISTORY).read_text())
     assert sorted(history) == ["1", "5"]
     assert stats["previous"] == {"step": 1, "metrics": history["1"]}
     rows = {(r["task"], r["metric"]): r for r in evaluate.compare(stats["metrics"], stats["previous"])}
     bpb = rows[("heldout_ppl", "bits_per_byte")]
     assert bpb["previous_step"] == 1 and bpb["value"] == history["5"]["heldout_ppl"]["bits_per_byte"]
     assert bpb["change"] == pytest.approx(bpb["value"] - history["1"]["heldout_ppl"]["bits_per_byte"])
-    assert (copy / "checkpoints" / "step-000001" / "eval" / "results.json").is_file()
+    assert (run_dir(run_cfg) / "step-000001" / "eval" / "results.json").is_file()
 
 
 def test_mc_questions_are_deterministic_and_well_formed(tmp_path):
@@ -403,20 +411,6 @@ def test_run_on_s3(setup, s3_endpoint):
     cfg, root, _ = setup
     client, bucket = s3_endpoint["client"], s3_endpoint["bucket"]
     prefix = "evalroot"
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if (
-            path.is_dir()
-            or "/eval/" in f"/{rel}"
-            or rel.startswith(("checkpoints/step-000001", "checkpoints/step-000009"))
-        ):
-            continue
-        body = path.read_bytes()
-        if rel.endswith("meta.json"):
-            meta = json.loads(body)
-            meta["tokenizer_uri"] = f"s3://{bucket}/{prefix}/tokenizer/tokenizer.json"
-            body = json.dumps(meta).encode()
-        client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=body)
     s3_cfg = cfg.model_copy(deep=True)
     s3_cfg.storage = type(cfg.storage).model_validate(
         {
@@ -427,16 +421,31 @@ def test_run_on_s3(setup, s3_endpoint):
             "secret_access_key": "testing",
         }
     )
+    s3_cfg.train.data = f"s3://{bucket}/{prefix}/tokens"
     s3_cfg.evaluate.max_docs = 4
+    local_run = run_dir(cfg).relative_to(root).as_posix()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if (
+            path.is_dir()
+            or "/eval/" in f"/{rel}"
+            or rel.startswith((f"{local_run}/step-000001", f"{local_run}/step-000009"))
+        ):
+            continue
+        body = path.read_bytes()
+        if rel.endswith("meta.json") and "step-" in rel:
+            meta = json.loads(body)
+            meta["tokenizer_uri"] = f"{s3_cfg.train.data}/tokenizer.json"
+            meta["data_uri"] = s3_cfg.train.data
+            body = json.dumps(meta).encode()
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=body)
+    run = launch.run_uri(s3_cfg)
+    assert run == f"s3://{bucket}/{prefix}/{local_run}"  # the same data digest and config: the same version
     stats = evaluate.run(s3_cfg, log=lambda _: None)
     assert stats["skipped"] is False and stats["step"] == 5 and stats["docs"] == 4
-    assert stats["checkpoint"] == f"s3://{bucket}/{prefix}/checkpoints/step-000005"
+    assert stats["checkpoint"] == f"{run}/step-000005"
     assert math.isfinite(stats["metrics"]["heldout_ppl"]["bits_per_byte"])
-    keys = {
-        o["Key"]
-        for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/step-000005/eval/")["Contents"]
-    }
-    assert {
-        f"{prefix}/checkpoints/step-000005/eval/{n}" for n in ("results.json", "stats.json", "manifest.json")
-    } <= keys
+    eval_key = f"{prefix}/{local_run}/step-000005/eval/"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=eval_key)["Contents"]}
+    assert {f"{eval_key}{n}" for n in ("results.json", "stats.json", "manifest.json")} <= keys
     assert evaluate.run(s3_cfg, log=lambda _: None)["skipped"] is True

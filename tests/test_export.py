@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from stages import checkpoints, evaluate, export
-from tests.test_evaluate import SEQ_LEN, setup  # noqa: F401  (the fixture: tokenizer, checkpoints, held-out docs)
+from tests.test_evaluate import SEQ_LEN, run_dir, setup  # noqa: F401  (the fixture: tokenizer, checkpoints, held-out docs)
 
 
 @pytest.fixture(scope="module")
 def exported(setup, tmp_path_factory):  # noqa: F811
     cfg, root, _ = setup
-    step, ckpt, meta = checkpoints.latest_checkpoint(cfg.storage.root)
+    step, ckpt, meta = checkpoints.latest_checkpoint(str(run_dir(cfg)))
     dest = tmp_path_factory.mktemp("export") / "hf"
     info = export.export(ckpt, dest)
     return cfg, ckpt, meta, dest, info
@@ -69,7 +69,7 @@ def test_lm_eval_hf_backend_gives_the_same_metrics(exported):
     cfg, ckpt, meta, dest, _ = exported
     tokenizer = exported_tokenizer(exported)
     lm = evaluate.PipelineLM(evaluate.load_model(ckpt, meta), tokenizer, max_length=SEQ_LEN, batch_size=4)
-    val_uri = str(Path(cfg.storage.root) / "tokens" / "val_docs.jsonl")
+    val_uri = str(Path(cfg.train.data) / "val_docs.jsonl")
     with tempfile.TemporaryDirectory() as tmp:
         include, _, n_docs = evaluate.prepare_tasks(cfg, val_uri, Path(tmp))
         common = dict(tasks=["heldout_ppl"], log_samples=False, bootstrap_iters=0)

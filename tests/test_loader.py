@@ -39,7 +39,9 @@ def dataset(tmp_path_factory, monkeypatch_module):
         num_workers=1,
         verbose=False,
     )
-    return load_config("tiny", {"storage.root": str(root), "train.seq_len": BLOCK - 1})
+    return load_config(
+        "tiny", {"storage.root": str(root), "train.data": str(root / "tokens"), "train.seq_len": BLOCK - 1}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,9 @@ def s3(tmp_path):
 
 
 def s3_config(endpoint: str, root: str):
-    return load_config("tiny-s3", {"storage.endpoint_url": endpoint, "storage.root": root})
+    return load_config(
+        "tiny-s3", {"storage.endpoint_url": endpoint, "storage.root": root, "train.data": f"{root}/tokens"}
+    )
 
 
 def fails_fast(cfg) -> loader.DatasetUnavailable:
@@ -146,5 +150,5 @@ def test_wrong_endpoint_bad_credentials_and_missing_dataset_fail_fast_saying_whi
 def test_missing_dataset_fails_fast(s3_endpoint, tmp_path):
     missing = fails_fast(s3_config(s3_endpoint["endpoint"], f"s3://{s3_endpoint['bucket']}/nothing-here"))
     assert missing.kind == "missing" and "tokens/train/index.json does not exist" in str(missing)
-    local = fails_fast(load_config("tiny", {"storage.root": str(tmp_path)}))
+    local = fails_fast(load_config("tiny", {"storage.root": str(tmp_path), "train.data": str(tmp_path / "tokens")}))
     assert local.kind == "missing" and "run the tokenize stage first" in str(local)

@@ -16,7 +16,7 @@ from stages import dedup, filter, ingest
 from stages.config import load_config
 from stages.stage import PROGRESS
 from stages.storage import MANIFEST
-from tests.conftest import REPO
+from tests.conftest import REPO, out_dir
 
 RUN_STAGE = """
 import sys
@@ -51,8 +51,8 @@ def reference(small_corpus, tmp_path_factory):
     return root, {name: stage.run(cfg, log=lambda _: None) for name, stage in STAGES.items()}
 
 
-def markers(root, stage: str) -> int:
-    return len([p for p in (root / stage / PROGRESS).glob("*.json") if p.name != "identity.json"])
+def markers(folder) -> int:
+    return len([p for p in (folder / PROGRESS).glob("*.json") if p.name != "identity.json"])
 
 
 @pytest.mark.parametrize(
@@ -74,21 +74,22 @@ def test_sigkilled_stage_resumes_to_identical_output(reference, small_corpus, tm
         shutil.copytree(ref_root / upstream, tmp_path / upstream)
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.to_json())
+    folder, ref_folder = out_dir(STAGES[stage], cfg), out_dir(STAGES[stage], config(small_corpus, ref_root))
     proc = subprocess.Popen([sys.executable, "-c", RUN_STAGE, str(cfg_file), stage], cwd=REPO)
     deadline = time.monotonic() + 120
-    while markers(tmp_path, stage) < after_units and proc.poll() is None and time.monotonic() < deadline:
+    while markers(folder) < after_units and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(then_wait)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the stage finished before it could be killed"
-    assert not (tmp_path / stage / MANIFEST).exists()
-    done_before = markers(tmp_path, stage)
+    assert not (folder / MANIFEST).exists()
+    done_before = markers(folder)
     assert done_before >= after_units
 
     stats = STAGES[stage].run(cfg, log=lambda _: None)
     assert stats["units_resumed"] == done_before
-    manifest = json.loads((tmp_path / stage / MANIFEST).read_text())
-    expected = json.loads((ref_root / stage / MANIFEST).read_text())
+    manifest = json.loads((folder / MANIFEST).read_text())
+    expected = json.loads((ref_folder / MANIFEST).read_text())
     assert manifest["files"] == expected["files"]  # same names, sizes and sha256: byte-identical output
     assert manifest["counts"] == expected["counts"]
-    assert not list((tmp_path / stage).rglob("*.tmp-*"))
+    assert not list(folder.rglob("*.tmp-*"))

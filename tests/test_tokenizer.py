@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from stages import dedup, tokenize, tokenizer
 from stages.config import load_config
 from stages.storage import MANIFEST
-from tests.conftest import ingest_without_filtering
+from tests.conftest import ingest_without_filtering, out_dir
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_special_tokens_sample_and_hash(built):
     s = stats["stages.tokenizer"]
     assert tok.token_to_id("<|endoftext|>") == s["eos_id"] == 0 and tok.token_to_id("<|pad|>") == 1
     assert 0 < s["train_chars"] <= cfg.tokenizer.max_train_chars
-    data = (root / "tokenizer" / tokenizer.FILENAME).read_bytes()
+    data = (out_dir(tokenizer, cfg) / tokenizer.FILENAME).read_bytes()
     assert s["tokenizer_sha256"] == hashlib.sha256(data).hexdigest()
     assert stats["stages.tokenize"]["tokenizer_sha256"] == s["tokenizer_sha256"]  # carried into the shards' manifest
 
@@ -66,7 +66,7 @@ def test_special_tokens_sample_and_hash(built):
 def test_sample_takes_an_equal_share_of_every_shard(built):
     cfg, root, _, _ = built
     upstream = dedup.output(cfg)
-    shards = [upstream.path(s) for s in sorted(json.loads((root / "dedup" / MANIFEST).read_text())["files"])
+    shards = [upstream.path(s) for s in sorted(json.loads((out_dir(dedup, cfg) / MANIFEST).read_text())["files"])
               if s.endswith(".parquet") and "/" not in s]  # fmt: skip
     assert len(shards) >= 4
     small = cfg.model_copy(deep=True)
@@ -94,7 +94,8 @@ def test_hugging_face_directory_loads_through_auto_tokenizer(built, tmp_path):
     reuse.storage.root = str(tmp_path / "out")
     reuse.tokenizer.path = str(folder)
     reuse.tokenizer.special_tokens = []
-    shutil.copytree(root / "dedup", tmp_path / "out" / "dedup")
+    for stage in ("ingest", "filter", "dedup"):  # the upstream outputs: their digests name the versions
+        shutil.copytree(root / stage, tmp_path / "out" / stage)
     s = tokenizer.run(reuse, log=lambda _: None)
     assert s["trained"] is False and s["eos_id"] == tok.token_to_id("<|endoftext|>")
     missing = reuse.model_copy(deep=True)
@@ -107,14 +108,14 @@ def test_same_input_and_config_give_byte_identical_shards(built, tmp_path):
     cfg, root, stats, _ = built
     again = cfg.model_copy(deep=True)
     again.storage.root = str(tmp_path)
-    for stage in ("dedup", "tokenizer"):
+    for stage in ("ingest", "filter", "dedup", "tokenizer"):
         shutil.copytree(root / stage, tmp_path / stage)
     tokenize.run(again, log=lambda _: None)
-    first, second = (json.loads((r / "tokens" / MANIFEST).read_text()) for r in (root, tmp_path))
+    first, second = (json.loads((out_dir(tokenize, c) / MANIFEST).read_text()) for c in (cfg, again))
     assert first["files"] == second["files"] and first["counts"] == second["counts"]
     assert first["identity"] == second["identity"]
     # the worker count decides where litdata cuts chunks, so it is part of the identity: a change rebuilds
     again.tokenize.workers = 1
     assert tokenize.run(again, log=lambda _: None)["skipped"] is False
     assert first["counts"]["tokens"]["train"] > 0
-    assert first["counts"]["dataset"] == json.loads((root / "dedup" / MANIFEST).read_text())["digest"]
+    assert first["counts"]["dataset"] == json.loads((out_dir(dedup, cfg) / MANIFEST).read_text())["digest"]

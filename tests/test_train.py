@@ -25,9 +25,9 @@ import psutil
 import pytest
 import torch
 
-from stages import evaluate, scaling
+from stages import evaluate, scaling, storage
 from stages.config import PipelineConfig
-from stages.launch import child_config_json, run_training, torchrun_command
+from stages.launch import child_config_json, run_training, run_uri, torchrun_command
 from stages.train import DivergenceGuard, TrainingDiverged
 
 EOS = "<|endoftext|>"
@@ -92,7 +92,8 @@ def _to_tokens(ids: list[int]):
 
 
 def build_token_data(root: Path) -> Path:
-    """A pipeline root holding tokenizer/tokenizer.json and tokens/{train,val} (litdata TokensLoader chunks)."""
+    """A root holding tokens/{train,val} (litdata TokensLoader chunks) and tokens/tokenizer.json: a dataset made
+    outside the pipeline, which runs name with train.data."""
     from litdata import TokensLoader, optimize
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -106,8 +107,8 @@ def build_token_data(root: Path) -> Path:
         docs,
         trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
     )
-    (root / "tokenizer").mkdir()
-    tok.save(str(root / "tokenizer" / "tokenizer.json"))
+    (root / "tokens").mkdir()
+    tok.save(str(root / "tokens" / "tokenizer.json"))
     eos = tok.token_to_id(EOS)
     ids = [enc.ids + [eos] for enc in tok.encode_batch(docs)]
 
@@ -141,6 +142,7 @@ def cache_root(tmp_path_factory) -> Path:
 
 def make_cfg(root: str, **train) -> PipelineConfig:
     settings = dict(
+        data=f"{root}/tokens",
         nproc_per_node=2,
         seq_len=64,
         micro_batch_size=8,
@@ -161,6 +163,11 @@ def make_cfg(root: str, **train) -> PipelineConfig:
             "train": settings,
         }
     )
+
+
+def run_dir(cfg: PipelineConfig) -> Path:
+    """The run's folder, {root}/train/{version}: its checkpoints, metrics.jsonl and loss curve."""
+    return Path(run_uri(cfg))
 
 
 def run(cfg: PipelineConfig) -> tuple[dict, list[str], list[dict]]:
@@ -210,7 +217,7 @@ def reference_run(token_data, tmp_path_factory):
     shutil.copytree(token_data, root)
     cfg = make_cfg(str(root), **REFERENCE)
     result, lines, metrics = run(cfg)
-    return cfg, root, result, metrics, lines
+    return cfg, run_dir(cfg), result, metrics, lines
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -226,7 +233,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_train_two_ranks_local(reference_run):
-    cfg, root, result, metrics, lines = reference_run
+    cfg, ckpts, result, metrics, lines = reference_run
+    assert ckpts.parent.name == "train"  # {root}/train/{version}
 
     assert not result["skipped"]
     assert [m["step"] for m in metrics] == list(range(1, 31))
@@ -241,21 +249,24 @@ def test_train_two_ranks_local(reference_run):
     assert result["params"] > 0 and result["tokens_per_s"] > 0
 
     # Monitoring: FLOPs from the config, achieved FLOP/s, no MFU on a CPU (no peak to divide by), memory, lr.
-    vocab = json.loads((root / "checkpoints" / "step-000030" / "meta.json").read_text())["vocab_size"]
+    vocab = json.loads((ckpts / "step-000030" / "meta.json").read_text())["vocab_size"]
     assert result["flops_per_token"] == scaling.flops_per_token(cfg.model, vocab, 64)
     assert result["flops_per_s"] > 0 and result["mfu"] is None and result["peak_memory_mb"] > 0
     assert all(m["max_steps"] == 30 and m["flops_per_s"] > 0 and m["memory_mb"] > 0 for m in metrics)
     assert [m["step"] for m in metrics if "val_loss" in m] == [10, 20, 30]
     assert metrics[4]["lr"] == pytest.approx(3e-3) and metrics[-1]["lr"] < metrics[10]["lr"]
 
-    ckpt = root / "checkpoints" / "step-000030"
+    ckpt = ckpts / "step-000030"
     assert result["checkpoint"] == str(ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == 30 and meta["vocab_size"] == 512 and meta["model"]["dim"] == 64
-    assert meta["tokenizer_uri"].endswith("tokenizer/tokenizer.json")
+    assert meta["tokenizer_uri"] == f"{cfg.train.data}/tokenizer.json" and meta["data_uri"] == cfg.train.data
+    # lineage: the run's version names its folder and is the digest of what it is a function of
+    assert meta["run_version"] == ckpts.name == storage.version_of(meta["run_identity"])
+    assert set(meta["run_identity"]) == {"code", "config", "data"}
     assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2
-    assert (root / "checkpoints" / "step-000015" / "meta.json").is_file()
-    logged = [json.loads(line) for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert (ckpts / "step-000015" / "meta.json").is_file()
+    logged = [json.loads(line) for line in (ckpts / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 31))
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed", "flops_per_s", "mfu"} <= set(logged[0])
     print(
@@ -290,15 +301,17 @@ def sigkill_torchrun_at(step: int):
 def test_sigkilled_run_resumes_exactly(reference_run, token_data, tmp_path):
     """SIGKILL torchrun and its ranks after the step-15 checkpoint, rerun: it resumes at 15 and reproduces the
     uninterrupted run's losses and final weights bit for bit (model, optimizer, scheduler, RNG and data order)."""
-    _, ref_root, reference, ref_metrics, _ = reference_run
+    _, ref_run, reference, ref_metrics, _ = reference_run
     root = tmp_path / "run"
     shutil.copytree(token_data, root)
     cfg = make_cfg(str(root), **REFERENCE)
 
     with pytest.raises(RuntimeError, match="torchrun exited with code"):
         run_training(cfg, on_line=sigkill_torchrun_at(20))
-    assert (root / "checkpoints" / "step-000015" / "meta.json").is_file()
-    assert not (root / "checkpoints" / "step-000030").exists()
+    ckpts = run_dir(cfg)
+    assert ckpts.name == ref_run.name  # same config and data content, elsewhere: the same version
+    assert (ckpts / "step-000015" / "meta.json").is_file()
+    assert not (ckpts / "step-000030").exists()
 
     result, lines, metrics = run(cfg)
     assert any("resumed from" in line and "step-000015" in line for line in lines)
@@ -307,34 +320,35 @@ def test_sigkilled_run_resumes_exactly(reference_run, token_data, tmp_path):
     assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics[15:]]
     assert [m["grad_norm"] for m in metrics] == [m["grad_norm"] for m in ref_metrics[15:]]
     assert result["final_loss"] == reference["final_loss"] and result["val_loss"] == reference["val_loss"]
-    assert_same_weights(root / "checkpoints" / "step-000030", ref_root / "checkpoints" / "step-000030")
+    assert_same_weights(ckpts / "step-000030", ref_run / "step-000030")
     # metrics.jsonl: the killed run's lines after step 15 were dropped on resume, so each step appears once.
-    logged = [json.loads(line) for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (ckpts / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 31))
     assert [m["loss"] for m in logged] == [m["loss"] for m in ref_metrics]
 
 
 def test_async_checkpoints_keep_last_and_match_sync(reference_run, token_data, tmp_path):
     """Background saves change nothing in the numbers; keep_last=1 leaves only the newest checkpoint."""
-    _, ref_root, _, ref_metrics, _ = reference_run
+    _, ref_run, _, ref_metrics, _ = reference_run
     root = tmp_path / "run"
     shutil.copytree(token_data, root)
-    result, _, metrics = run(make_cfg(str(root), **REFERENCE, async_checkpoint=True, keep_last=1))
+    cfg = make_cfg(str(root), **REFERENCE, async_checkpoint=True, keep_last=1)
+    result, _, metrics = run(cfg)
     assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics]
-    assert sorted(p.name for p in (root / "checkpoints").glob("step-*")) == ["step-000030"]
-    assert result["checkpoint"] == str(root / "checkpoints" / "step-000030")
-    assert_same_weights(root / "checkpoints" / "step-000030", ref_root / "checkpoints" / "step-000030")
+    assert sorted(p.name for p in run_dir(cfg).glob("step-*")) == ["step-000030"]
+    assert result["checkpoint"] == str(run_dir(cfg) / "step-000030")
+    assert_same_weights(run_dir(cfg) / "step-000030", ref_run / "step-000030")
 
 
 @pytest.mark.parametrize("nproc", [1, 4])
 def test_checkpoint_of_two_ranks_resumes_on_other_world_sizes(reference_run, token_data, tmp_path, nproc):
     """The step-15 checkpoint of 2 ranks resumes on 1 rank (4 micro-batches per step) and on 4 (one each): same
     global batch, weights and optimizer resharded by DCP, the loader restriped by litdata."""
-    _, ref_root, _, ref_metrics, _ = reference_run
+    _, ref_run, _, ref_metrics, _ = reference_run
     root = tmp_path / "run"
     shutil.copytree(token_data, root)
-    shutil.copytree(ref_root / "checkpoints" / "step-000015", root / "checkpoints" / "step-000015")
     cfg = make_cfg(str(root), **{**REFERENCE, "max_steps": 17, "nproc_per_node": nproc})
+    shutil.copytree(ref_run / "step-000015", run_dir(cfg) / "step-000015")  # picked by resume: auto
     result, lines, metrics = run(cfg)
     assert any("resumed from" in line and "step-000015" in line for line in lines)
     assert [m["step"] for m in metrics] == [16, 17]
@@ -354,20 +368,22 @@ def test_checkpoint_of_two_ranks_resumes_on_other_world_sizes(reference_run, tok
 def test_ddp_matches_fsdp_and_checkpoints_cross_over(reference_run, token_data, tmp_path):
     """data_parallel: ddp resumes the FSDP run's step-15 checkpoint and gives its losses and gradient norms (with
     gradient accumulation under no_sync); FSDP then resumes DDP's step-16 checkpoint and gives the same step 17."""
-    _, ref_root, _, ref_metrics, _ = reference_run
+    _, ref_run, _, ref_metrics, _ = reference_run
     root = tmp_path / "run"
     shutil.copytree(token_data, root)
-    shutil.copytree(ref_root / "checkpoints" / "step-000015", root / "checkpoints" / "step-000015")
     ref = ref_metrics[15:17]
 
-    ddp = {**REFERENCE, "max_steps": 17, "checkpoint_every": 1, "data_parallel": "ddp"}
-    _, lines, metrics = run(make_cfg(str(root), **ddp))
+    from_15 = str(ref_run / "step-000015")
+    ddp = make_cfg(
+        str(root), **{**REFERENCE, "max_steps": 17, "checkpoint_every": 1}, data_parallel="ddp", resume=from_15
+    )
+    _, lines, metrics = run(ddp)
     assert any("step-000015" in line and "resumed from" in line for line in lines)
     assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in ref], abs=1e-4)
     assert [m["grad_norm"] for m in metrics] == pytest.approx([m["grad_norm"] for m in ref], rel=1e-3)
 
     # (Step 17 only: the lr after a resume comes from the checkpoint, later ones from this run's max_steps.)
-    ddp_16 = str(root / "checkpoints" / "step-000016")
+    ddp_16 = str(run_dir(ddp) / "step-000016")
     _, lines, metrics = run(make_cfg(str(root), **{**REFERENCE, "max_steps": 17, "resume": ddp_16}))
     assert any("step-000016" in line and "resumed from" in line for line in lines)
     assert [m["loss"] for m in metrics] == pytest.approx([ref[1]["loss"]], abs=1e-4)
@@ -379,10 +395,10 @@ def test_ddp_matches_fsdp_and_checkpoints_cross_over(reference_run, token_data, 
 
 def test_initial_checkpoint_gives_weights_only(reference_run, token_data, tmp_path):
     """Continued pretraining: another run's weights, a fresh step count, schedule and optimizer."""
-    _, ref_root, reference, ref_metrics, _ = reference_run
+    _, ref_run, reference, ref_metrics, _ = reference_run
     root = tmp_path / "run"
     shutil.copytree(token_data, root)
-    ckpt = ref_root / "checkpoints" / "step-000030"
+    ckpt = ref_run / "step-000030"
     result, lines, metrics = run(make_cfg(str(root), max_steps=3, warmup_steps=2, initial_checkpoint=str(ckpt)))
     assert any(f"initial weights from {ckpt}" in line for line in lines)
     assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[0]["lr"] == pytest.approx(1.5e-3)
@@ -398,20 +414,26 @@ def test_initial_checkpoint_gives_weights_only(reference_run, token_data, tmp_pa
 def short_run(token_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("short") / "run"
     shutil.copytree(token_data, root)
-    return root, *run(make_cfg(str(root), max_steps=20, checkpoint_every=10))
+    cfg = make_cfg(str(root), max_steps=20, checkpoint_every=10)
+    return run_dir(cfg), *run(cfg)
 
 
 def test_resume_continues_at_step(short_run, tmp_path):
-    short_root, first, _, metrics = short_run
+    short_ckpts, first, _, metrics = short_run
     assert [m["step"] for m in metrics] == list(range(1, 21))
     root = tmp_path / "run"
-    shutil.copytree(short_root, root)
+    shutil.copytree(short_ckpts.parent.parent, root)
+    cfg = make_cfg(str(root), max_steps=30, checkpoint_every=10)
+    # Another max_steps is another run (its schedule differs), in a folder of its own: nothing to resume ...
+    assert run_dir(cfg) != root / "train" / short_ckpts.name
+    # ... until the 20-step run's folder is copied there (as one continues a run by hand).
+    shutil.copytree(root / "train" / short_ckpts.name, run_dir(cfg))
 
     # A checkpoint folder without meta.json (a save that crashed) must be ignored.
-    (root / "checkpoints" / "step-000025").mkdir()
-    (root / "checkpoints" / "step-000025" / ".metadata").write_bytes(b"garbage")
+    (run_dir(cfg) / "step-000025").mkdir()
+    (run_dir(cfg) / "step-000025" / ".metadata").write_bytes(b"garbage")
 
-    second, lines, metrics = run(make_cfg(str(root), max_steps=30, checkpoint_every=10))
+    second, lines, metrics = run(cfg)
     assert not second["skipped"]
     assert any("resumed from" in line and "step-000020" in line for line in lines)
     assert [m["step"] for m in metrics] == list(range(21, 31))
@@ -419,8 +441,8 @@ def test_resume_continues_at_step(short_run, tmp_path):
     assert second["tokens_seen"] == 30 * 2 * 8 * 64
     # Continues from the trained state: no jump back to the untrained loss.
     assert second["first_loss"] < first["first_loss"] - 0.5
-    assert (root / "checkpoints" / "step-000030" / "meta.json").is_file()
-    logged = [json.loads(line)["step"] for line in (root / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert (run_dir(cfg) / "step-000030" / "meta.json").is_file()
+    logged = [json.loads(line)["step"] for line in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 31))
 
     # resume: none starts over from step 1 whatever checkpoints exist.
@@ -455,7 +477,7 @@ def test_divergence_stops_the_run_naming_the_step(token_data, tmp_path):
     message = str(failure.value)
     assert "TrainingDiverged" in message and "step " in message, message
     assert "the last good checkpoint is" in message
-    complete = sorted(p.parent.name for p in (root / "checkpoints").glob("step-*/meta.json"))
+    complete = sorted(p.parent.name for p in run_dir(cfg).glob("step-*/meta.json"))
     assert complete, "no checkpoint was completed before the divergence"
 
 
@@ -526,29 +548,31 @@ def test_train_on_s3(token_data, moto_endpoint):
         if path.is_file():
             s3.upload_file(str(path), "bucket", f"run/{path.relative_to(token_data).as_posix()}")
 
-    def cfg_for(steps: int) -> PipelineConfig:
-        cfg = make_cfg("s3://bucket/run", max_steps=steps, checkpoint_every=5)
+    def cfg_for(steps: int, **train) -> PipelineConfig:
+        cfg = make_cfg("s3://bucket/run", max_steps=steps, checkpoint_every=5, **train)
         cfg.storage.endpoint_url = moto_endpoint
         cfg.storage.region = "us-east-1"
         return cfg
 
     first, _, metrics = run(cfg_for(5))
     assert [m["step"] for m in metrics] == list(range(1, 6))
-    second, lines, metrics = run(cfg_for(10))
+    short = run_uri(cfg_for(5))
+    second, lines, metrics = run(cfg_for(10, resume=f"{short}/step-000005"))
     assert [m["step"] for m in metrics] == list(range(6, 11))
-    assert any("resumed from s3://bucket/run/checkpoints/step-000005" in line for line in lines)
-    assert second["checkpoint"] == "s3://bucket/run/checkpoints/step-000010"
+    assert any(f"resumed from {short}/step-000005" in line for line in lines)
+    run_key = run_uri(cfg_for(10)).removeprefix("s3://bucket/")
+    assert run_key.startswith("run/train/") and second["checkpoint"] == f"s3://bucket/{run_key}/step-000010"
     assert second["final_loss"] < first["first_loss"]
 
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="bucket", Prefix="run/checkpoints/")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="bucket", Prefix=f"{run_key}/")
     keys = {obj["Key"] for page in pages for obj in page.get("Contents", [])}
-    for step in ("000005", "000010"):
-        assert {f"run/checkpoints/step-{step}/.metadata", f"run/checkpoints/step-{step}/meta.json"} <= keys
-        assert sum(k.startswith(f"run/checkpoints/step-{step}/") and k.endswith(".distcp") for k in keys) == 2
-    meta = json.loads(s3.get_object(Bucket="bucket", Key="run/checkpoints/step-000010/meta.json")["Body"].read())
-    assert meta["step"] == 10 and meta["tokenizer_uri"] == "s3://bucket/run/tokenizer/tokenizer.json"
-    logged = s3.get_object(Bucket="bucket", Key="run/checkpoints/metrics.jsonl")["Body"].read().decode()
-    assert [json.loads(line)["step"] for line in logged.splitlines()] == list(range(1, 11))
+    step = "000010"
+    assert {f"{run_key}/step-{step}/.metadata", f"{run_key}/step-{step}/meta.json"} <= keys
+    assert sum(k.startswith(f"{run_key}/step-{step}/") and k.endswith(".distcp") for k in keys) == 2
+    meta = json.loads(s3.get_object(Bucket="bucket", Key=f"{run_key}/step-000010/meta.json")["Body"].read())
+    assert meta["step"] == 10 and meta["tokenizer_uri"] == "s3://bucket/run/tokens/tokenizer.json"
+    logged = s3.get_object(Bucket="bucket", Key=f"{run_key}/metrics.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["step"] for line in logged.splitlines()] == list(range(6, 11))  # this run's steps
 
     # Done and matching: skipped without launching.
     again, _, _ = run(cfg_for(10))
