@@ -17,6 +17,7 @@ Commit protocol, shared by all stages (datatrove's completion markers, generalis
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -177,6 +178,24 @@ def digest_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout this code runs from (with "+dirty" when it has local changes), or None."""
+    import subprocess
+
+    from stages.config import REPO_ROOT
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def version_of(identity: dict) -> str:
     """The folder name of an output: a digest of what it is a function of."""
     return digest_of(identity)[:12]
@@ -218,6 +237,7 @@ class StageOutput:
             "counts": counts,
             "files": entries,
             "created_unix": round(started, 3),
+            "git_commit": git_commit(),  # lineage only: the identity's code digest is what decides a rebuild
         }
         manifest["digest"] = digest_of({"identity": identity, "files": entries})
         write_json(self.path(MANIFEST), manifest, self.storage)

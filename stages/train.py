@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -520,6 +521,8 @@ def train(cfg: PipelineConfig) -> dict:
     vocab_size = tokenizer_vocab_size(cfg)
     identity = run_identity(cfg)
     run = run_uri(cfg, identity)
+    with storage.open_uri(tokenizer_uri(cfg), "rb", cfg.storage) as f:
+        tokenizer_sha256 = hashlib.sha256(f.read()).hexdigest()
     max_steps, budget_source = scaling.planned_steps(cfg.model, t, vocab_size)
     flops_per_token = scaling.flops_per_token(cfg.model, vocab_size, t.seq_len)
     peak = device_peak_flops(device)
@@ -641,6 +644,8 @@ def train(cfg: PipelineConfig) -> dict:
                     "model": cfg.model.model_dump(),
                     "vocab_size": vocab_size,
                     "tokenizer_uri": tokenizer_uri(cfg),
+                    "tokenizer_sha256": tokenizer_sha256,
+                    "git_commit": storage.git_commit(),
                     "data_uri": cfg.train.data,
                     # lineage: the run's version (its folder) and what it is a function of
                     "run_version": run.rsplit("/", 1)[1],

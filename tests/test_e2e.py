@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from stages import dedup, filter, ingest, launch, tokenize, tokenizer
@@ -20,6 +23,9 @@ from stages.storage import MANIFEST
 from tests.conftest import BIN, REPO, free_port, out_dir
 
 STAGES = ["ingest", "filter", "dedup", "tokenizer", "tokenize", "train", "evaluate"]
+# The S3 credentials of the stack's flow runs (moto takes any): distinctive, so a scan can tell they leaked nowhere.
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AKIAE2ESCANKEY000042", "AWS_SECRET_ACCESS_KEY": "e2e/Never-In-Any-Output+7f3a9c"}
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +33,14 @@ def stack(tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
     port, s3_port = free_port(), free_port()
     cmd = [sys.executable, str(REPO / "infra" / "stack.py"), "--state", str(state), "--port", str(port)]
-    up = subprocess.run([*cmd[:2], "up", *cmd[2:], "--s3", "--s3-port", str(s3_port)], capture_output=True, text=True)
+    env = {**os.environ, **SECRET_ENV}  # the flow runs' S3 credentials come from the serving process's environment
+    up = subprocess.run(
+        [*cmd[:2], "up", *cmd[2:], "--s3", "--s3-port", str(s3_port)], capture_output=True, text=True, env=env
+    )
     assert up.returncode == 0, up.stderr + up.stdout
     # idempotent: a second `up` reuses what runs
     again = subprocess.run(
-        [*cmd[:2], "up", *cmd[2:], "--s3", "--s3-port", str(s3_port)], capture_output=True, text=True
+        [*cmd[:2], "up", *cmd[2:], "--s3", "--s3-port", str(s3_port)], capture_output=True, text=True, env=env
     )
     assert again.returncode == 0 and "running" in again.stdout, again.stderr
     yield {"api": f"http://127.0.0.1:{port}/api", "s3": f"http://127.0.0.1:{s3_port}", "state": state}
@@ -68,12 +77,47 @@ def server_logs(stack) -> str:
 
 
 def task_states(stack, flow_run_id: str) -> dict[str, str]:
+    """Each task's state; after a retry, that of its latest run."""
     runs = api(stack["api"], "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    runs.sort(key=lambda run: run["expected_start_time"] or "")
     return {run["name"].rsplit("-", 1)[0]: run["state"]["type"] for run in runs}
+
+
+def flow_run_logs(stack, flow_run_id: str) -> list[str]:
+    logs = api(stack["api"], "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+    found, offset = [], 0
+    while logs:
+        found += [entry["message"] for entry in logs]
+        offset += len(logs)
+        body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": offset}
+        logs = api(stack["api"], "/logs/filter", body)
+    return found
+
+
+def wait_for_end(stack, flow_run_id: str, seconds: float = 900) -> str:
+    """The flow run's final state type, once it has one."""
+    deadline = time.monotonic() + seconds
+    while (state := api(stack["api"], f"/flow_runs/{flow_run_id}")["state"]["type"]) not in FINAL:
+        assert time.monotonic() < deadline, f"flow run {flow_run_id} still {state}"
+        time.sleep(0.5)
+    return state
+
+
+def kill_training_once_checkpointed(root: Path, step: int, seconds: float = 600) -> None:
+    """SIGKILL every training rank (a lost machine) once the run has its checkpoint at `step`."""
+    deadline = time.monotonic() + seconds
+    while not list(root.glob(f"train/*/step-{step:06d}/meta.json")):
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} under {root}"
+        time.sleep(0.2)
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if "stages.train" in (p.info["cmdline"] or [])]
+    assert ranks, "no training rank to kill"
+    for rank in ranks:
+        rank.send_signal(signal.SIGKILL)
 
 
 def artifacts(stack, flow_run_id: str) -> dict[str, dict]:
     found = api(stack["api"], "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    found.sort(key=lambda a: a["created"])  # after a retry: the latest of each key
     return {a["key"]: a for a in found if a["key"]}
 
 
@@ -92,8 +136,26 @@ def assert_run_completed(stack, flow_run_id: str) -> None:
 
 def test_pretrain_full_local(stack, tmp_path):
     root = tmp_path / "outputs"
-    flow_run = run_deployment(stack, {"overrides": {"storage.root": str(root)}})
+    # The run loses its training processes after the step-30 checkpoint and fails in its train stage; retried
+    # as the UI's Retry button does (`prefect flow-run retry`), the data stages skip and training resumes at 30.
+    env = {**os.environ, "PREFECT_API_URL": stack["api"]}
+    params = {"overrides": {"storage.root": str(root)}}
+    cmd = [str(BIN / "prefect"), "deployment", "run", "pretrain/full", "--watch", "--params", json.dumps(params)]
+    watching = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kill_training_once_checkpointed(root, 30)
+    out, _ = watching.communicate(timeout=300)
+    flow_run = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+    assert api(stack["api"], f"/flow_runs/{flow_run}")["state"]["type"] == "FAILED", out[-3000:]
+    assert task_states(stack, flow_run)["train"] == "FAILED"
+    retried = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", flow_run], env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert wait_for_end(stack, flow_run) == "COMPLETED", server_logs(stack)
     assert_run_completed(stack, flow_run)
+    logs = flow_run_logs(stack, flow_run)
+    for stage in ("ingest", "filter", "dedup", "tokenizer", "tokenize"):
+        assert sum(f"{stage}: up to date at" in line for line in logs) == 1, stage  # skipped by the retry only
+    assert any("resumed from" in line and "step-000030" in line for line in logs)
     cfg = load_config("tiny", {"storage.root": str(root)})
     for stage in (ingest, filter, dedup, tokenizer, tokenize):
         manifest = json.loads((out_dir(stage, cfg) / MANIFEST).read_text())
@@ -117,6 +179,23 @@ def test_pretrain_full_local(stack, tmp_path):
     bpb = json.loads(results.read_text())["results"]["heldout_ppl"]["bits_per_byte,none"]
     assert 0 < bpb < 8
 
+    # Lineage of an evaluation: down through the checkpoint and every data stage to the raw files.
+    shown = subprocess.run(
+        [sys.executable, "-m", "stages.lineage", str(results), "--json"], capture_output=True, text=True, cwd=REPO
+    )
+    assert shown.returncode == 0, shown.stderr
+    tree = json.loads(shown.stdout)
+    kinds, node = [], tree
+    while node["inputs"]:
+        kinds.append(node["kind"])
+        node = node["inputs"][0]  # the first input: the data path (tokenize's second is the tokenizer)
+    assert kinds + [node["kind"]] == ["evaluate", "checkpoint", "tokenize", "dedup", "filter", "ingest"]
+    checkpoint = tree["inputs"][0]
+    assert checkpoint["step"] == 60 and checkpoint["run_version"] == run.name and checkpoint["git_commit"]
+    assert checkpoint["tokenizer_sha256"] == checkpoint["inputs"][0]["tokenizer_sha256"]
+    assert [n["kind"] for n in checkpoint["inputs"][0]["inputs"]] == ["dedup", "tokenizer"]
+    assert any(raw.endswith("docs.jsonl.gz") for raw in node["raw_inputs"])
+
     # A dry run with a forced stage: the plan only, everything else up to date, no stage task runs.
     dry = run_deployment(stack, {"overrides": {"storage.root": str(root)}, "force": ["evaluate"], "dry_run": True})
     assert task_states(stack, dry) == {}
@@ -132,6 +211,9 @@ def test_pretrain_full_s3(stack):
     overrides = {
         "storage.root": f"s3://pretrain-tiny/{prefix}",
         "storage.endpoint_url": stack["s3"],
+        # no keys in the config: the environment's (SECRET_ENV), as a deployment on AWS would get them
+        "storage.access_key_id": None,
+        "storage.secret_access_key": None,
         "ingest.inputs": [str(REPO / "data" / "sample" / "docs.jsonl.gz")],
     }
     flow_run = run_deployment(stack, {"preset": "tiny-s3", "overrides": overrides})
@@ -149,3 +231,16 @@ def test_pretrain_full_s3(stack):
     assert any(re.match(rf"{prefix}/tokens/\w+/train/index.json", k) for k in keys)
     assert any(re.match(rf"{prefix}/train/\w+/step-\d+/meta.json", k) for k in keys)
     assert any(k.endswith("/eval/results.json") for k in keys)
+
+    # The credentials are in no log line, artifact, manifest, stats file, checkpoint meta or result.
+    texts = flow_run_logs(stack, flow_run) + [json.dumps(a) for a in artifacts(stack, flow_run).values()]
+    texts.append(json.dumps(api(stack["api"], f"/flow_runs/{flow_run}")))  # its parameters included
+    texts += [
+        client.get_object(Bucket="pretrain-tiny", Key=k)["Body"].read().decode("utf-8", "replace")
+        for k in keys
+        if k.endswith((".json", ".jsonl", ".md", ".txt"))
+    ]
+    texts += [log.read_text(errors="replace") for log in stack["state"].glob("*.log")]  # server, serve, moto
+    assert len(texts) > 50
+    for secret in SECRET_ENV.values():
+        assert not [t for t in texts if secret in t], f"{secret} leaked"
