@@ -116,7 +116,9 @@ class TrainingProgress:
 def train_task(cfg: PipelineConfig, force: bool = False) -> dict:
     # The torchrun children's output streams line by line into this task's log.
     stats = launch.run_training(cfg, on_line=get_run_logger().info, on_metric=TrainingProgress(), force=force)
-    report = train_report.write(cfg)
+    started = time.perf_counter()
+    report = train_report.write(cfg)  # (the loss curve: matplotlib's import and drawing take a second or two)
+    stats["report_seconds"] = round(time.perf_counter() - started, 3)
     if report["png"]:
         data_uri = "data:image/png;base64," + base64.b64encode(report["png"]).decode()
         create_image_artifact(image_url=data_uri, key="train-loss-curve", description=f"saved at {report['png_uri']}")

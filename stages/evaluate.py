@@ -599,7 +599,9 @@ def run(
         for uri in earlier:
             run(cfg, log, device, checkpoint=uri, force=force)
         stats = run(cfg, log, device, checkpoint=ckpt, force=force)
-        return {**stats, "evaluated_steps": [int(checkpoint_step(u)) for u in earlier] + [step]}
+        evaluated = [int(checkpoint_step(u)) for u in earlier] + [step]
+        # seconds: the whole stage (every checkpoint evaluated), not the last evaluation's alone
+        return {**stats, "evaluated_steps": evaluated, "seconds": round(time.time() - started, 3)}
     val_uri = heldout_uri(ckpt, meta, storage)
     tokenizer_uri = meta["tokenizer_uri"]
     out = output(ckpt, storage)

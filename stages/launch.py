@@ -233,6 +233,9 @@ def run_training(
             + f"\n--- last {len(tail)} lines of output ---\n"
             + "\n".join(tail)
         )
+    if summary is None and cfg.train.nnodes > 1:
+        # Rank 0 ran on another node: the final checkpoint it wrote (shared storage) holds the summary.
+        summary = _completed_summary(cfg, run)
     if summary is None:
         raise RuntimeError("training exited 0 but printed no SUMMARY line; last lines:\n" + "\n".join(tail))
     return {

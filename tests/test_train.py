@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -479,6 +480,29 @@ def test_divergence_stops_the_run_naming_the_step(token_data, tmp_path):
     assert "the last good checkpoint is" in message
     complete = sorted(p.parent.name for p in run_dir(cfg).glob("step-*/meta.json"))
     assert complete, "no checkpoint was completed before the divergence"
+
+
+def test_two_nodes_rendezvous_on_loopback(short_run, token_data, tmp_path):
+    """2 nodes x 1 process: two launchers (as on two machines sharing storage) meet through torchrun's c10d
+    rendezvous on 127.0.0.1 and train one run; each returns its summary, and the losses are those of the same
+    run on one node with 2 processes."""
+    _, _, _, one_node = short_run
+    root = tmp_path / "run"
+    shutil.copytree(token_data, root)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    cfg = make_cfg(str(root), max_steps=4, checkpoint_every=10, nproc_per_node=1, nnodes=2, rdzv_endpoint=endpoint)
+    results: dict[int, tuple] = {}
+    nodes = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(cfg))) for i in range(2)]
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.join(timeout=300)
+    assert sorted(results) == [0, 1]
+    (lead_metrics,) = [m for _, _, m in results.values() if m]  # rank 0's node prints the per-step records
+    assert [m["loss"] for m in lead_metrics] == pytest.approx([m["loss"] for m in one_node[:4]], abs=1e-4)
+    summaries = [r[0] for r in results.values()]
+    assert all(s["steps"] == 4 and s["checkpoint"] == summaries[0]["checkpoint"] for s in summaries)
+    assert any("world=2" in line for _, lines, _ in results.values() for line in lines)
 
 
 def test_divergence_guard_unit():
