@@ -250,15 +250,16 @@ def identity(cfg: PipelineConfig, upstream: StageOutput | None = None) -> dict:
     return stage_identity(__name__, cfg, "dedup", upstream_digest(upstream), helpers=(minhash,))
 
 
-def output(cfg: PipelineConfig) -> StageOutput:
-    return versioned_output("dedup", "dedup", cfg, identity(cfg))
+def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
+    """Where the output of `ident` (default: this config's identity) lives."""
+    return versioned_output("dedup", "dedup", cfg, ident or identity(cfg))
 
 
 def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
     upstream = filter_output(cfg)
     shards = committed_shards(upstream)
     ident = identity(cfg, upstream)
-    out = versioned_output("dedup", "dedup", cfg, ident)
+    out = output(cfg, ident)
     dc = cfg.dedup
 
     def build() -> StageResult:

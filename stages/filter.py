@@ -206,15 +206,16 @@ def identity(cfg: PipelineConfig, upstream: StageOutput | None = None) -> dict:
     )
 
 
-def output(cfg: PipelineConfig) -> StageOutput:
-    return versioned_output("filter", "filter", cfg, identity(cfg))
+def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
+    """Where the output of `ident` (default: this config's identity) lives."""
+    return versioned_output("filter", "filter", cfg, ident or identity(cfg))
 
 
 def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
     upstream = ingest_output(cfg)
     shards = committed_shards(upstream)
     ident = identity(cfg, upstream)
-    out = versioned_output("filter", "filter", cfg, ident)
+    out = output(cfg, ident)
 
     def build() -> StageResult:
         progress = Progress(out)

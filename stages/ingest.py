@@ -308,14 +308,15 @@ def identity(cfg: PipelineConfig, inputs: list[str] | None = None) -> dict:
     return stage_identity(__name__, cfg, "ingest", {uri: storage.raw_fingerprint(uri, cfg.storage) for uri in inputs})
 
 
-def output(cfg: PipelineConfig) -> StageOutput:
-    return versioned_output("ingest", "ingest", cfg, identity(cfg))
+def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
+    """Where the output of `ident` (default: this config's identity) lives."""
+    return versioned_output("ingest", "ingest", cfg, ident or identity(cfg))
 
 
 def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
     inputs = list_inputs(cfg)
     ident = identity(cfg, inputs)
-    out = versioned_output("ingest", "ingest", cfg, ident)
+    out = output(cfg, ident)
 
     def build() -> StageResult:
         progress = Progress(out)

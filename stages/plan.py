@@ -23,10 +23,9 @@ import sys
 
 from stages import checkpoints, dedup, evaluate, filter, ingest, launch, storage, tokenize, tokenizer
 from stages.config import PipelineConfig, load_config
-from stages.stage import PROGRESS, other_versions, versioned_output
+from stages.stage import PROGRESS, other_versions
 
 DATA_STAGES = {"ingest": ingest, "filter": filter, "dedup": dedup, "tokenizer": tokenizer, "tokenize": tokenize}
-FOLDERS = {"tokenize": "tokens"}  # output folder, where it is not the stage's name
 STAGES = (*DATA_STAGES, "train", "evaluate")
 
 
@@ -69,7 +68,7 @@ def plan(cfg: PipelineConfig, force: list[str] = ()) -> list[dict]:
             )
             continue
         identity = module.identity(cfg)
-        out = versioned_output(name, FOLDERS.get(name, name), cfg, identity)
+        out = module.output(cfg, identity)
         if name in force:
             action, reason = "run", "forced"
         elif out.is_current(identity):

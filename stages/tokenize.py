@@ -109,11 +109,11 @@ def _read_jsonl(uri: str, cfg: StorageConfig | None):
             yield json.loads(line)
 
 
-def identity(cfg: PipelineConfig) -> dict:
+def identity(cfg: PipelineConfig, upstream: StageOutput | None = None, tok_out: StageOutput | None = None) -> dict:
     ec = cfg.evaluate
     inputs = {
-        "dedup": upstream_digest(dedup_output(cfg)),
-        "tokenizer": upstream_digest(tokenizer_output(cfg)),
+        "dedup": upstream_digest(upstream or dedup_output(cfg)),
+        "tokenizer": upstream_digest(tok_out or tokenizer_output(cfg)),
         "decontamination": {
             "heldout": "heldout_ppl" in ec.tasks,
             "files": {uri: storage.raw_fingerprint(uri, cfg.storage) for uri in ec.decontaminate_with},
@@ -122,10 +122,10 @@ def identity(cfg: PipelineConfig) -> dict:
     return stage_identity(__name__, cfg, "tokenize", inputs, helpers=(decontaminate,))
 
 
-def output(cfg: PipelineConfig) -> StageOutput:
+def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
     """The tokenized dataset: train/ and val/ (LitData TokensLoader shards), val_docs.jsonl and a copy of the
     tokenizer.json that made them, so the folder alone is enough to train and evaluate on."""
-    return versioned_output("tokenize", "tokens", cfg, identity(cfg))
+    return versioned_output("tokenize", "tokens", cfg, ident or identity(cfg))
 
 
 def pin_index(uri: str, cfg: StorageConfig | None) -> dict:
@@ -151,9 +151,9 @@ def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
     upstream, tok_out = dedup_output(cfg), tokenizer_output(cfg)
     shards = committed_shards(upstream)
     ec = cfg.evaluate
-    ident = identity(cfg)
+    ident = identity(cfg, upstream, tok_out)
     decontamination = ident["inputs"]["decontamination"]
-    out = versioned_output("tokenize", "tokens", cfg, ident)
+    out = output(cfg, ident)
     tc = cfg.tokenize
 
     def build() -> StageResult:

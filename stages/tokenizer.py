@@ -93,14 +93,15 @@ def sample_texts(cfg: PipelineConfig, shard_uris: list[str]) -> Iterator[str]:
             yield text
 
 
-def identity(cfg: PipelineConfig) -> dict:
+def identity(cfg: PipelineConfig, upstream: StageOutput | None = None) -> dict:
     tc = cfg.tokenizer
-    source = fingerprint_given(tc.path) if tc.path else {"trained_on": upstream_digest(dedup_output(cfg))}
+    source = fingerprint_given(tc.path) if tc.path else {"trained_on": upstream_digest(upstream or dedup_output(cfg))}
     return stage_identity(__name__, cfg, "tokenizer", source)
 
 
-def output(cfg: PipelineConfig) -> StageOutput:
-    return versioned_output("tokenizer", "tokenizer", cfg, identity(cfg))
+def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
+    """Where the output of `ident` (default: this config's identity) lives."""
+    return versioned_output("tokenizer", "tokenizer", cfg, ident or identity(cfg))
 
 
 def load(cfg: PipelineConfig):
@@ -119,8 +120,9 @@ def check_special_tokens(tokenizer, tc: TokenizerConfig) -> None:
 
 def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
     tc = cfg.tokenizer
-    ident = identity(cfg)
-    out = versioned_output("tokenizer", "tokenizer", cfg, ident)
+    upstream = None if tc.path else dedup_output(cfg)
+    ident = identity(cfg, upstream)
+    out = output(cfg, ident)
 
     def build() -> StageResult:
         chars = 0
@@ -128,7 +130,6 @@ def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
             tokenizer = load_given(tc.path)
             log(f"tokenizer: loaded {tc.path}")
         else:
-            upstream = dedup_output(cfg)
             shard_uris = [upstream.path(s) for s in committed_shards(upstream)]
 
             def counted() -> Iterator[str]:

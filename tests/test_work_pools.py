@@ -7,7 +7,6 @@ import json
 import shlex
 import subprocess
 
-import pytest
 from prefect.utilities.templating import apply_values, find_placeholders
 
 from tests.conftest import REPO
@@ -50,8 +49,3 @@ def test_slurm_submission_waits_for_one_job_running_the_flow_run(tmp_path):
     script = REPO / "infra" / "slurm" / "flow-run.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert 'prefect flow-run execute "${PREFECT__FLOW_RUN_ID}"' in script.read_text()
-
-
-def test_a_template_missing_a_required_value_is_caught():
-    with pytest.raises(AssertionError):
-        render("kubernetes", {})
