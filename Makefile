@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STACK := $(PY) infra/stack.py
 
-.PHONY: install demo stack stack-s3 down status test redis
+.PHONY: install demo stack stack-s3 down status test redis chromium
 
 # torch is pinned in the same pip command as everything that depends on it, so pip takes the CPU wheel
 # on disk instead of resolving a multi-GB CUDA build. litdata depends on torchvision but never imports it;
@@ -34,6 +34,10 @@ demo: stack
 redis:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 
-test: install redis
+# The UI test drives the Prefect UI in Debian's chromium through Playwright (no browser download at run time).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: install redis chromium
 	$(PY) -m ruff check stages flows infra tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15

@@ -158,7 +158,9 @@ def table(r: dict, command: str, steps: int, skip: int) -> str:
     lines += [
         "",
         "One process: the trainer runs the model unwrapped (nothing to shard), reading through litdata's "
-        "StreamingDataLoader, with its per-step guard, metrics and all-reduced loss. Two processes, each side with "
+        "StreamingDataLoader, with its per-step guard, metrics and all-reduced loss, and AdamW's fused kernel (the "
+        "plain loop keeps nanoGPT's choice: fused on CUDA only, so the per-tensor loop on CPU). Two processes, each "
+        "side with "
         f"the same parallelism: FSDP2 (the preset's reshard_after_forward: {cfg.train.reshard_after_forward}; an "
         "all-gather per block in forward and a reduce-scatter per block in backward) or DDP (one bucketed "
         "all-reduce overlapping backward). Across parallelisms, the FSDP trainer against the plain DDP loop: "

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.credentials import resolve_credentials
 from flows.pretrain import evaluate_task
 from stages.config import REPO_ROOT, load_config
 
@@ -27,7 +28,7 @@ def evaluate_checkpoint(
     settings = dict(overrides or {})
     if suite:
         settings["evaluate.tasks"] = list(suite)
-    cfg = load_config(preset, settings)
+    cfg = resolve_credentials(load_config(preset, settings))
     if "://" not in checkpoint and not Path(checkpoint).is_absolute():
         checkpoint = str(REPO_ROOT / checkpoint)  # relative to the repository, as config paths are
     get_run_logger().info("evaluating %s with %s", checkpoint, cfg.evaluate.tasks)

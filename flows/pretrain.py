@@ -3,8 +3,9 @@
 Thin by design: every task calls a stage's `run` from `stages/`, sends its log lines to the Prefect logger,
 and turns the stats the stage returns into a table artifact. Skipping finished work is the stages' job (their
 manifests), not Prefect's result cache, so a rerun from the UI, the CLI or a plain Python call behaves the
-same. The config is loaded and the inputs checked before the first task, so a bad config fails before any
-work starts.
+same. Each task holds its output's lock (flows/locks.py) while it builds, so two runs of one config at once
+build each output once: the second waits, then skips it. The config is loaded and the inputs checked before the
+first task, so a bad config fails before any work starts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from flows.credentials import resolve_credentials
+from flows.locks import output_lock
 from stages import dedup, evaluate, filter, ingest, launch, plan, tokenize, tokenizer, train_report
 from stages.config import PipelineConfig, load_config
 from stages.preflight import preflight
@@ -48,19 +51,24 @@ def _report(stage: str, stats: dict) -> dict:
     return stats
 
 
-def _stage_task(name: str, stage_run):
+def _stage_task(stage):
+    name = stage.__name__.rsplit(".", 1)[-1]
+
     @task(name=name, cache_policy=NO_CACHE)
     def run_stage_task(cfg: PipelineConfig, force: bool = False) -> dict:
-        return _report(name, stage_run(cfg, log=get_run_logger().info, force=force))
+        log = get_run_logger().info
+        with output_lock(name, stage.output(cfg).uri, log):  # (its upstream is built: the version is known)
+            stats = stage.run(cfg, log=log, force=force)
+        return _report(name, stats)
 
     return run_stage_task
 
 
-ingest_task = _stage_task("ingest", ingest.run)
-filter_task = _stage_task("filter", filter.run)
-dedup_task = _stage_task("dedup", dedup.run)
-tokenizer_task = _stage_task("tokenizer", tokenizer.run)
-tokenize_task = _stage_task("tokenize", tokenize.run)
+ingest_task = _stage_task(ingest)
+filter_task = _stage_task(filter)
+dedup_task = _stage_task(dedup)
+tokenizer_task = _stage_task(tokenizer)
+tokenize_task = _stage_task(tokenize)
 
 
 def report_evaluation(stats: dict) -> dict:
@@ -76,7 +84,11 @@ def report_evaluation(stats: dict) -> dict:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cfg: PipelineConfig, checkpoint: str | None = None, force: bool = False) -> dict:
-    return report_evaluation(evaluate.run(cfg, log=get_run_logger().info, checkpoint=checkpoint, force=force))
+    log = get_run_logger().info
+    # one checkpoint's evaluation, or (no checkpoint given) those of every checkpoint of the config's run
+    with output_lock("evaluate", checkpoint or launch.run_uri(launch.resolved(cfg)), log):
+        stats = evaluate.run(cfg, log=log, checkpoint=checkpoint, force=force)
+    return report_evaluation(stats)
 
 
 def on_cluster_if_configured(stage_task, cfg: PipelineConfig, force: bool = False) -> dict:
@@ -114,8 +126,10 @@ class TrainingProgress:
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig, force: bool = False) -> dict:
-    # The torchrun children's output streams line by line into this task's log.
-    stats = launch.run_training(cfg, on_line=get_run_logger().info, on_metric=TrainingProgress(), force=force)
+    log = get_run_logger().info
+    with output_lock("train", launch.run_uri(launch.resolved(cfg)), log):
+        # The torchrun children's output streams line by line into this task's log.
+        stats = launch.run_training(cfg, on_line=log, on_metric=TrainingProgress(), force=force)
     started = time.perf_counter()
     report = train_report.write(cfg)  # (the loss curve: matplotlib's import and drawing take a second or two)
     stats["report_seconds"] = round(time.perf_counter() - started, 3)
@@ -161,7 +175,7 @@ def pretrain(
 ) -> dict:
     """`force`: stages to rebuild even when up to date (ingest, filter, dedup, tokenizer, tokenize, train,
     evaluate). `dry_run`: only the plan (what would run and why), as an artifact and the return value."""
-    cfg = load_config(preset, overrides)
+    cfg = resolve_credentials(load_config(preset, overrides))
     forced = set(plan.check_force(force or []))
     preflight(cfg)
     logger = get_run_logger()

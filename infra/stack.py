@@ -9,11 +9,18 @@ Everything lives under a state folder (default `.stack/` at the repository root)
 database, one log and one pid file per process, and `env.sh` with PREFECT_API_URL for the shell. All servers
 bind to 127.0.0.1. A port held by anything other than the process this stack started is an error naming the
 port, never a silent reuse of someone else's server.
+
+Exposing the server (`--bind 0.0.0.0`, so that workers on other machines reach it) requires basic auth: set
+PREFECT_SERVER_API_AUTH_STRING=user:password in the environment of `up`; the server then refuses any API request
+without it, and the stack hands it to the serving process as PREFECT_API_AUTH_STRING (Prefect's client setting,
+which users and workers set too). It is read from the environment only, never from the command line (visible to
+every user in `ps`) nor written to the state folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
@@ -27,7 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # where this machine's clients reach every server
+AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"
 S3_BUCKETS = ("pretrain-tiny",)
 
 
@@ -41,9 +49,12 @@ def port_open(port: int) -> bool:
         return sock.connect_ex((HOST, port)) == 0
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, auth: str | None = None) -> bool:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -85,17 +96,29 @@ def api_url(port: int) -> str:
     return f"http://{HOST}:{port}/api"
 
 
-def base_env(state: Path, port: int) -> dict[str, str]:
+def base_env(state: Path, port: int, bind: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PREFECT_HOME=str(state / "prefect"),
         PREFECT_API_URL=api_url(port),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_API_HOST=HOST,
+        PREFECT_SERVER_API_HOST=bind,
         PREFECT_SERVER_API_PORT=str(port),
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
     )
+    if env.get(AUTH_ENV):
+        env["PREFECT_API_AUTH_STRING"] = env[AUTH_ENV]  # the serving process is a client of the server
     return env
+
+
+def check_exposure(bind: str, auth: str | None) -> None:
+    if bind not in ("127.0.0.1", "localhost", "::1") and not auth:
+        raise StackError(
+            f"--bind {bind} exposes the Prefect server beyond this machine: set {AUTH_ENV}=user:password "
+            "(basic auth) in the environment first"
+        )
+    if auth is not None and ":" not in auth:
+        raise StackError(f"{AUTH_ENV} must look like user:password")
 
 
 def ensure_process(state: Path, name: str, port: int | None, argv: list[str], env: dict, ready, what: str) -> str:
@@ -110,8 +133,8 @@ def ensure_process(state: Path, name: str, port: int | None, argv: list[str], en
     return f"{what}: started (pid {pid})"
 
 
-def deployment_registered(port: int) -> bool:
-    return http_ok(f"{api_url(port)}/deployments/name/pretrain/full")
+def deployment_registered(port: int, auth: str | None) -> bool:
+    return http_ok(f"{api_url(port)}/deployments/name/pretrain/full", auth)
 
 
 def create_buckets(s3_port: int) -> None:
@@ -130,9 +153,11 @@ def create_buckets(s3_port: int) -> None:
             client.create_bucket(Bucket=bucket)
 
 
-def up(state: Path, port: int, s3_port: int | None) -> list[str]:
+def up(state: Path, port: int, s3_port: int | None, bind: str = HOST) -> list[str]:
+    auth = os.environ.get(AUTH_ENV) or None
+    check_exposure(bind, auth)
     state.mkdir(parents=True, exist_ok=True)
-    env = base_env(state, port)
+    env = base_env(state, port, bind)
     report = []
     if s3_port:
         report.append(
@@ -152,10 +177,10 @@ def up(state: Path, port: int, s3_port: int | None) -> list[str]:
             state,
             "server",
             port,
-            [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)],
+            [str(BIN / "prefect"), "server", "start", "--host", bind, "--port", str(port)],
             env,
             lambda: http_ok(f"{api_url(port)}/health"),
-            f"Prefect server http://{HOST}:{port}",
+            f"Prefect server http://{bind}:{port}" + (" (basic auth)" if auth else ""),
         )
     )
     report.append(
@@ -165,11 +190,14 @@ def up(state: Path, port: int, s3_port: int | None) -> list[str]:
             None,
             [sys.executable, "-m", "flows.serve"],
             env,
-            lambda: deployment_registered(port),
+            lambda: deployment_registered(port, auth),
             "deployments (pretrain/full)",
         )
     )
-    (state / "env.sh").write_text(f"export PREFECT_API_URL={api_url(port)}\n")
+    shell = f"export PREFECT_API_URL={api_url(port)}\n"
+    if auth:  # (the secret itself stays out of the state folder)
+        shell += "# the server wants basic auth: export PREFECT_API_AUTH_STRING=user:password as well\n"
+    (state / "env.sh").write_text(shell)
     (state / "stack.json").write_text(json.dumps({"port": port, "s3_port": s3_port}))
     return report
 
@@ -209,13 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--state", type=Path, default=REPO / ".stack", help="folder for the stack's state")
     parser.add_argument("--port", type=int, default=4200, help="Prefect server port")
+    parser.add_argument("--bind", default=HOST, help=f"address the Prefect server listens on (needs {AUTH_ENV} "
+                        "when not loopback)")  # fmt: skip
     parser.add_argument("--s3", action="store_true", help="also start a local S3 endpoint (moto)")
     parser.add_argument("--s3-port", type=int, default=9000)
     args = parser.parse_args(argv)
     state = args.state.resolve()
     try:
         if args.command == "up":
-            lines = up(state, args.port, args.s3_port if args.s3 else None)
+            lines = up(state, args.port, args.s3_port if args.s3 else None, args.bind)
             lines.append(f"Prefect UI: http://{HOST}:{args.port}  (export PREFECT_API_URL={api_url(args.port)})")
         elif args.command == "down":
             lines = down(state)

@@ -41,12 +41,21 @@ class Strict(BaseModel):
 
 class StorageConfig(Strict):
     # Where every stage writes: a local folder or s3://bucket/prefix. Credentials not given here come from the
-    # standard AWS environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...).
+    # standard AWS environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...), or
+    # from the Prefect AwsCredentials block named by credentials_block, which the flows read into the two keys
+    # below before any stage runs (stages never talk to Prefect; flows/credentials.py).
     root: str = "outputs/tiny"
     endpoint_url: str | None = None
     region: str | None = None
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
+    credentials_block: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source_of_keys(self):
+        if self.credentials_block and (self.access_key_id or self.secret_access_key):
+            raise ValueError("give either credentials_block or access_key_id/secret_access_key, not both")
+        return self
 
 
 class IngestConfig(Strict):

@@ -111,6 +111,7 @@ def child_config_json(cfg: PipelineConfig) -> str:
     data = cfg.model_dump(mode="json")
     data["storage"]["access_key_id"] = None
     data["storage"]["secret_access_key"] = None
+    data["storage"]["credentials_block"] = None  # (resolved by the flow; its keys are in the environment)
     return json.dumps(data)
 
 

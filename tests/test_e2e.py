@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tests.conftest import BIN, REPO, free_port, out_dir
 STAGES = ["ingest", "filter", "dedup", "tokenizer", "tokenize", "train", "evaluate"]
 # The S3 credentials of the stack's flow runs (moto takes any): distinctive, so a scan can tell they leaked nowhere.
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+COMPLETED: dict[str, str] = {}  # flow runs later tests look at, by the test that made them
 SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AKIAE2ESCANKEY000042", "AWS_SECRET_ACCESS_KEY": "e2e/Never-In-Any-Output+7f3a9c"}
 
 
@@ -71,6 +73,15 @@ def run_deployment(stack, params: dict, deployment: str = "pretrain/full") -> st
     return re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
 
 
+def start_deployment(stack, params: dict, deployment: str = "pretrain/full") -> str:
+    """Schedule a flow run of `deployment` now and return its id without waiting for it."""
+    env = {**os.environ, "PREFECT_API_URL": stack["api"]}
+    cmd = [str(BIN / "prefect"), "deployment", "run", deployment, "--params", json.dumps(params)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+
+
 def server_logs(stack) -> str:
     serve_log = stack["state"] / "serve.log"
     return serve_log.read_text(errors="replace")[-8000:] if serve_log.exists() else ""
@@ -83,15 +94,20 @@ def task_states(stack, flow_run_id: str) -> dict[str, str]:
     return {run["name"].rsplit("-", 1)[0]: run["state"]["type"] for run in runs}
 
 
-def flow_run_logs(stack, flow_run_id: str) -> list[str]:
-    logs = api(stack["api"], "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
-    found, offset = [], 0
-    while logs:
-        found += [entry["message"] for entry in logs]
-        offset += len(logs)
-        body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": offset}
-        logs = api(stack["api"], "/logs/filter", body)
-    return found
+def flow_run_logs(stack, flow_run_id: str, seconds: float = 60) -> list[str]:
+    """Every log line of a flow run that has ended. Its state is final before the run's last log batch reaches the
+    server (Prefect ships logs every 2 s), so this waits for the flow's own closing line first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        entries, page = [], None
+        while page is None or len(page) == 200:
+            body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": len(entries)}
+            page = api(stack["api"], "/logs/filter", body)
+            entries += page
+        closing = [e for e in entries if e["task_run_id"] is None and e["message"].startswith("Finished in state")]
+        if closing or time.monotonic() > deadline:
+            return [entry["message"] for entry in entries]
+        time.sleep(0.5)
 
 
 def wait_for_end(stack, flow_run_id: str, seconds: float = 900) -> str:
@@ -216,8 +232,24 @@ def test_pretrain_full_s3(stack):
         "storage.secret_access_key": None,
         "ingest.inputs": [str(REPO / "data" / "sample" / "docs.jsonl.gz")],
     }
-    flow_run = run_deployment(stack, {"preset": "tiny-s3", "overrides": overrides})
+    # Two runs of one config at once (the deployment started twice): each output is built by one of them, the
+    # other waits on the output's lock and then finds it up to date.
+    both = [start_deployment(stack, {"preset": "tiny-s3", "overrides": overrides}) for _ in range(2)]
+    assert [wait_for_end(stack, run) for run in both] == ["COMPLETED", "COMPLETED"], server_logs(stack)
+    logs = {run: flow_run_logs(stack, run) for run in both}
+    skipped = {
+        stage: [run for run in both if any(f"{stage}: up to date at" in line for line in logs[run])]
+        for stage in STAGES[:5]
+    }
+    skipped["train"] = [run for run in both if any("training already complete" in line for line in logs[run])]
+    skipped["evaluate"] = [run for run in both if any("already evaluated at" in line for line in logs[run])]
+    assert {stage: len(runs) for stage, runs in skipped.items()} == {stage: 1 for stage in STAGES}, skipped
+    assert any("waited" in line and "for another flow run building" in line for run in both for line in logs[run])
+    for run in both:
+        assert set(task_states(stack, run).values()) == {"COMPLETED"} and len(task_states(stack, run)) == 7
+    flow_run = next(run for run in both if run not in skipped["train"])  # the run that trained
     assert_run_completed(stack, flow_run)
+    COMPLETED["s3"] = flow_run
     import boto3
 
     client = boto3.client(
@@ -233,8 +265,10 @@ def test_pretrain_full_s3(stack):
     assert any(k.endswith("/eval/results.json") for k in keys)
 
     # The credentials are in no log line, artifact, manifest, stats file, checkpoint meta or result.
-    texts = flow_run_logs(stack, flow_run) + [json.dumps(a) for a in artifacts(stack, flow_run).values()]
-    texts.append(json.dumps(api(stack["api"], f"/flow_runs/{flow_run}")))  # its parameters included
+    texts = []
+    for run in both:
+        texts += logs[run] + [json.dumps(a) for a in artifacts(stack, run).values()]
+        texts.append(json.dumps(api(stack["api"], f"/flow_runs/{run}")))  # its parameters included
     texts += [
         client.get_object(Bucket="pretrain-tiny", Key=k)["Body"].read().decode("utf-8", "replace")
         for k in keys
@@ -244,3 +278,93 @@ def test_pretrain_full_s3(stack):
     assert len(texts) > 50
     for secret in SECRET_ENV.values():
         assert not [t for t in texts if secret in t], f"{secret} leaked"
+
+
+def test_prefect_ui_shows_every_stage_and_artifact(stack):
+    """The flow-run page in a real headless browser (Debian's chromium through Playwright), as a user sees it.
+    Screenshots: test-output/ui/."""
+    from playwright.sync_api import sync_playwright
+
+    flow_run = COMPLETED.get("s3")
+    assert flow_run, "needs the completed run of test_pretrain_full_s3"
+    shots = REPO / "test-output" / "ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    browser_path = shutil.which("chromium")
+    assert browser_path, "chromium is not installed (`make test` installs Debian's package)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(stack["api"].removesuffix("/api") + f"/runs/flow-run/{flow_run}")
+            page.get_by_text("Completed").first.wait_for(timeout=60_000)  # the run's state badge
+            page.get_by_text("7 Task runs").first.wait_for(timeout=30_000)
+            page.screenshot(path=shots / "flow-run.png", full_page=True)
+
+            page.get_by_text("Task Runs", exact=True).first.click()
+            page.get_by_text("(7 Completed)").wait_for(timeout=30_000)
+            listed = page.inner_text("body")
+            for stage in STAGES:
+                assert re.search(rf"\n{stage}-\w+\nCompleted\n", listed), f"{stage} not shown Completed:\n{listed}"
+            page.screenshot(path=shots / "task-runs.png", full_page=True)
+
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("train-loss-curve").wait_for(timeout=30_000)
+            shown = set(page.inner_text("body").split("\n"))
+            expected = {f"{s}-stats" for s in STAGES} | {"plan", "data-funnel", "eval-metrics", "train-metrics"}
+            assert expected | {"train-loss-curve", "train-progress"} <= shown, sorted(shown)
+            page.screenshot(path=shots / "artifacts.png", full_page=True)
+        finally:
+            browser.close()
+    for name in ("flow-run", "task-runs", "artifacts"):
+        assert (shots / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_s3_keys_from_an_aws_credentials_block(stack, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_aws import AwsCredentials
+
+    from flows.credentials import resolve_credentials
+    from stages import storage
+    from stages.config import ConfigError
+    from stages.preflight import preflight
+
+    # No AWS keys anywhere in this process's environment: only the block can authenticate the writes below.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    key_id, secret = "AKIABLOCKKEY00000077", "block/Secret-Only+In-The-Block"
+    prefix = f"s3://pretrain-tiny/block-{uuid.uuid4().hex[:8]}"
+    overrides = {
+        "storage.root": prefix,
+        "storage.endpoint_url": None,  # the block's, too
+        "storage.access_key_id": None,
+        "storage.secret_access_key": None,
+        "storage.credentials_block": "e2e-s3-keys",
+    }
+    with temporary_settings({PREFECT_API_URL: stack["api"]}):
+        AwsCredentials(
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+            aws_client_parameters={"endpoint_url": stack["s3"]},
+        ).save("e2e-s3-keys", overwrite=True)
+        cfg = load_config("tiny-s3", overrides)
+        with pytest.raises(ConfigError, match="storage.credentials_block"):
+            preflight(cfg)  # an unresolved block is never taken for "no keys"
+        resolved = resolve_credentials(cfg)
+        with pytest.raises(ConfigError, match="storage.credentials_block: no AwsCredentials block 'nope'"):
+            resolve_credentials(load_config("tiny-s3", {**overrides, "storage.credentials_block": "nope"}))
+    s = resolved.storage
+    assert (s.endpoint_url, s.region, s.access_key_id.get_secret_value()) == (stack["s3"], "us-east-1", key_id)
+    assert secret not in repr(resolved) and secret not in launch.child_config_json(resolved)
+    preflight(resolved)  # probes the bucket with the block's keys
+    storage.write_json(storage.join(prefix, "probe.json"), {"by": "the block's keys"}, resolved.storage)
+    assert storage.read_json(storage.join(prefix, "probe.json"), resolved.storage) == {"by": "the block's keys"}
+
+    # Through the deployment: a block that does not exist fails the flow run before any stage starts.
+    missing = {**overrides, "storage.credentials_block": "nope"}
+    bad = start_deployment(stack, {"preset": "tiny-s3", "overrides": missing})
+    assert wait_for_end(stack, bad, seconds=120) == "FAILED"
+    assert task_states(stack, bad) == {}
+    assert any("storage.credentials_block" in line for line in flow_run_logs(stack, bad))

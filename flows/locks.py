@@ -1,0 +1,51 @@
+"""One builder per stage output across flow runs: a Prefect global concurrency limit of 1, named after the output.
+
+Two runs of one config at once (the deployment started twice, a scheduled refresh firing during a manual run) would
+otherwise build the same stage version side by side. They could not corrupt it (every stage writes under temporary
+names, commits atomically and writes its manifest last), but both would pay for the work, and the later commit
+would swap files under a reader of the first. Holding the output's limit while a stage runs makes the second run
+wait, then find the output complete and skip it ("up to date"), as a rerun does.
+
+Why a limit on the Prefect server and not a file lock: flow runs may sit on different machines (work pools, Slurm
+nodes) and outputs on S3, and the server is the one thing they all reach. The name holds a digest of the output's
+URI, whose last part is the stage version, so runs of different configs (or of one config into different roots)
+never wait on each other. A slot is a lease the holder renews: when a flow process is killed while it builds, the
+slot frees itself within LEASE_SECONDS, which bounds how long a retry waits for a holder that is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+
+from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
+
+LEASE_SECONDS = 60.0  # renewed every 45 s by Prefect's lease thread while the stage runs
+
+
+def limit_name(stage: str, output_uri: str) -> str:
+    return f"pretrain-{stage}-{hashlib.sha256(output_uri.encode()).hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def output_lock(stage: str, output_uri: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold `stage`'s output for this flow run; another run holding it makes this one wait."""
+    name = limit_name(stage, output_uri)
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass  # made by an earlier run, or by the run this one races
+    started = time.monotonic()
+    # strict: a limit that vanished must not turn into no lock. A lease renewal that fails (the API briefly away)
+    # must not kill hours of training: it warns, and at worst two runs build one output, which stays consistent.
+    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS, raise_on_lease_renewal_failure=False):
+        waited = time.monotonic() - started
+        if waited >= 1.0:
+            log(f"{stage}: waited {waited:.0f} s for another flow run building {output_uri} (limit {name})")
+        yield
