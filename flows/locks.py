@@ -25,7 +25,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
-LEASE_SECONDS = 60.0  # renewed every 45 s by Prefect's lease thread while the stage runs
+LEASE_SECONDS = 60.0  # the server's minimum; renewed every 45 s by Prefect's lease thread while the stage runs
 
 
 def limit_name(stage: str, output_uri: str) -> str:

@@ -36,6 +36,9 @@ from stages import scaling, storage
 from stages.checkpoints import META, step_uri
 from stages.config import REPO_ROOT, PipelineConfig
 
+# The ranks stop when the launching process is gone (torchrun runs in a session of its own, so a SIGKILL of the
+# flow run's process would otherwise leave it training beside the retry).
+LAUNCHER_PID_ENV = "PRETRAIN_LAUNCHER_PID"
 METRIC_PREFIX = "METRIC "
 SUMMARY_PREFIX = "SUMMARY "
 TAIL_LINES = 30
@@ -184,6 +187,7 @@ def run_training(
     env = dict(os.environ)
     env.update(storage.storage_env(cfg.storage))
     env["PYTHONUNBUFFERED"] = "1"
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
 
     initial_loss: float | None = None

@@ -138,7 +138,17 @@ def run_stage(
         storage.write_json(started_as, identity, output.storage)
         log(f"{output.stage}: {'rebuilding (forced)' if force else 'building'} {output.uri}")
     started = time.perf_counter()
-    result = build()
+    try:
+        result = build()
+    except Exception as exc:
+        lost = storage.unreachable(exc, output.storage)
+        if lost is None:
+            raise
+        raise storage.StorageError(
+            "endpoint",
+            f"{output.stage}: {lost} while building {output.uri}; the units it finished are kept, rerun "
+            "once the endpoint is back",
+        ) from exc
     seconds = time.perf_counter() - started
     stats = {
         "stage": output.stage,

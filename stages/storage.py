@@ -45,11 +45,23 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root, *(p.strip("/") for p in parts)])
 
 
+# Bounded retries for every s3fs call: botocore's standard mode (5 attempts, jittered exponential backoff) and a
+# 10 s connect timeout. An endpoint that goes away mid-stage then fails the stage within about a minute, and
+# run_stage names it (`unreachable`), instead of the stage hanging on botocore's legacy defaults.
+S3_ATTEMPTS = 5
+S3_CLIENT_CONFIG = {
+    "connect_timeout": 10,
+    "read_timeout": 120,
+    "retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+}
+
+
 def storage_options(cfg: StorageConfig | None) -> dict[str, Any]:
-    """s3fs keyword arguments for the configured endpoint; empty means botocore's environment defaults."""
+    """s3fs keyword arguments for the configured endpoint and credentials (none: botocore's environment
+    defaults), with bounded retries."""
+    opts: dict[str, Any] = {"config_kwargs": S3_CLIENT_CONFIG}
     if cfg is None:
-        return {}
-    opts: dict[str, Any] = {}
+        return opts
     if cfg.endpoint_url:
         opts["endpoint_url"] = cfg.endpoint_url
     if cfg.region:
@@ -284,6 +296,25 @@ def probe_s3(uri: str, cfg: StorageConfig | None, key: str | None = None, second
             what = f"bucket {bucket!r}" if key is None else f"{join(uri, key)}"
             raise StorageError("missing", f"{what} does not exist at {endpoint}") from None
         raise StorageError("endpoint", f"{endpoint}: {uri}: S3 error {code}") from None
+
+
+def unreachable(exc: BaseException, cfg: StorageConfig | None) -> StorageError | None:
+    """A StorageError naming the endpoint when `exc` (or its cause) says it could not be reached, else None."""
+    import botocore.exceptions
+
+    lost = (
+        botocore.exceptions.EndpointConnectionError,
+        botocore.exceptions.ConnectionClosedError,
+        botocore.exceptions.ConnectTimeoutError,
+        botocore.exceptions.ReadTimeoutError,
+    )
+    seen = exc
+    while seen is not None and not isinstance(seen, lost):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    endpoint = effective_endpoint(cfg) or "the AWS default endpoint"
+    return StorageError("endpoint", f"the S3 endpoint {endpoint} stopped answering ({seen}; {S3_ATTEMPTS} attempts)")
 
 
 def effective_endpoint(cfg: StorageConfig | None) -> str | None:

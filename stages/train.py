@@ -66,7 +66,15 @@ from stages import loader as loader_lib
 from stages import scaling, storage
 from stages.checkpoints import META, METRICS, complete_checkpoints, dcp_reader, dcp_writer, step_uri
 from stages.config import PipelineConfig
-from stages.launch import METRIC_PREFIX, SUMMARY_PREFIX, run_identity, run_uri, tokenizer_uri, tokenizer_vocab_size
+from stages.launch import (
+    LAUNCHER_PID_ENV,
+    METRIC_PREFIX,
+    SUMMARY_PREFIX,
+    run_identity,
+    run_uri,
+    tokenizer_uri,
+    tokenizer_vocab_size,
+)
 from stages.model import Transformer
 
 
@@ -113,6 +121,18 @@ def setup_distributed(cfg: PipelineConfig) -> tuple[torch.device, Any]:
         dist.init_process_group("gloo")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
     return device, mesh
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # (not launched by stages/launch.py: nothing to watch)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's (a reused pid would be: then the check is moot, not wrong)
+    return True
 
 
 def make_deterministic(seed: int, device: torch.device) -> None:
@@ -563,6 +583,7 @@ def train(cfg: PipelineConfig) -> dict:
 
     first_loss = final_loss = val_loss = None
     parent = os.getppid()
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV, "0"))  # on this node (stages/launch.py sets it)
 
     def run_summary(ckpt: str | None) -> dict:  # the run so far (reads the loop's variables when called)
         return _summary(
@@ -586,10 +607,10 @@ def train(cfg: PipelineConfig) -> dict:
     model.train()
     try:
         while step < max_steps:
-            if os.getppid() != parent:
-                # torchrun was killed (SIGKILL gives it no chance to stop us): carrying on would race the run that
-                # replaces it for the same checkpoints.
-                print(f"[train] rank {rank}: torchrun is gone, stopping at step {step}", flush=True)
+            if os.getppid() != parent or not process_alive(launcher):
+                # torchrun, or the process that launched it (the flow run's), was killed: SIGKILL gives neither a
+                # chance to stop us, and carrying on would race the run that replaces them for the same checkpoints.
+                print(f"[train] rank {rank}: torchrun or its launcher is gone, stopping at step {step}", flush=True)
                 os._exit(1)
             tick = time.perf_counter()
             step += 1

@@ -172,6 +172,7 @@ def test_pretrain_full_local(stack, tmp_path):
     for stage in ("ingest", "filter", "dedup", "tokenizer", "tokenize"):
         assert sum(f"{stage}: up to date at" in line for line in logs) == 1, stage  # skipped by the retry only
     assert any("resumed from" in line and "step-000030" in line for line in logs)
+    COMPLETED["local_root"] = str(root)
     cfg = load_config("tiny", {"storage.root": str(root)})
     for stage in (ingest, filter, dedup, tokenizer, tokenize):
         manifest = json.loads((out_dir(stage, cfg) / MANIFEST).read_text())
@@ -219,6 +220,46 @@ def test_pretrain_full_local(stack, tmp_path):
     for stage in STAGES[:-1]:
         assert f"| {stage} | skip |" in table, table
     assert "| evaluate | run | forced |" in table
+
+
+def test_flow_process_killed_mid_training_then_retried(stack):
+    """SIGKILL of the process running the flow (a lost node) while it trains: the run is Crashed, its training
+    processes stop on their own, and `prefect flow-run retry` completes it, resuming from the last checkpoint."""
+    root = COMPLETED.get("local_root")
+    assert root, "needs the outputs of test_pretrain_full_local"
+    # a training run of its own (40 steps: another run version) on the data built there (those stages skip)
+    overrides = {"storage.root": root, "train.max_steps": 40, "train.checkpoint_every": 20}
+    flow_run = start_deployment(stack, {"overrides": overrides})
+    cfg = load_config("tiny", overrides)
+    deadline = time.monotonic() + 600
+    while not list(Path(root).glob("train/*/step-000020/meta.json")):
+        assert time.monotonic() < deadline, "no step-20 checkpoint"
+        time.sleep(0.2)
+
+    def training() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if "stages.train" in (p.info["cmdline"] or [])]
+
+    torchrun = [p for p in training() if "torch.distributed.run" in p.info["cmdline"]]
+    assert len(torchrun) == 1, torchrun
+    torchrun[0].parent().send_signal(signal.SIGKILL)  # the flow run's process, which launched torchrun
+    assert wait_for_end(stack, flow_run, seconds=120) == "CRASHED"
+    deadline = time.monotonic() + 60
+    while training():
+        assert time.monotonic() < deadline, "training outlived the flow run's process"
+        time.sleep(0.2)
+
+    env = {**os.environ, "PREFECT_API_URL": stack["api"]}
+    retried = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", flow_run], env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert wait_for_end(stack, flow_run) == "COMPLETED", server_logs(stack)
+    assert set(task_states(stack, flow_run).values()) == {"COMPLETED"}
+    assert any("resumed from" in line and "step-000020" in line for line in flow_run_logs(stack, flow_run))
+    metrics = Path(launch.run_uri(launch.resolved(cfg))) / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
+    # (That a resumed run's losses and weights equal an uninterrupted run's, bit for bit, and that a data stage
+    # killed mid-way resumes to byte-identical output, is shown where it is cheaper: tests/test_train.py and
+    # tests/test_resume.py.)
 
 
 def test_pretrain_full_s3(stack):

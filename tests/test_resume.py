@@ -3,20 +3,26 @@ skips the units (input files, shards) that had finished before the kill."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
-from stages import dedup, filter, ingest
+from stages import dedup, filter, ingest, storage
 from stages.config import load_config
 from stages.stage import PROGRESS
 from stages.storage import MANIFEST
-from tests.conftest import REPO, out_dir
+from tests.conftest import REPO, free_port, out_dir
 
 RUN_STAGE = """
 import sys
@@ -93,3 +99,89 @@ def test_sigkilled_stage_resumes_to_identical_output(reference, small_corpus, tm
     assert manifest["files"] == expected["files"]  # same names, sizes and sha256: byte-identical output
     assert manifest["counts"] == expected["counts"]
     assert not list(folder.rglob("*.tmp-*"))
+
+
+class CuttableProxy:
+    """A TCP forwarder in front of the S3 endpoint. `cut()` drops every connection and refuses new ones (the
+    endpoint gone, as far as a client can tell, while the server behind keeps its objects); `restore()` listens
+    on the same port again. `delay` slows each forwarded chunk so a small stage spans the cut."""
+
+    def __init__(self, target_port: int, delay: float = 0.0):
+        self.port, self.target, self.delay = free_port(), target_port, delay
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.open: list[socket.socket] = []
+        self.listening = threading.Event()
+        self.restore()
+
+    def restore(self) -> None:
+        server = socket.create_server(("127.0.0.1", self.port))  # (SO_REUSEADDR: the port is free again at once)
+        server.settimeout(0.1)
+        self.listening.set()
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def cut(self) -> None:
+        self.listening.clear()
+        for conn in self.open:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self.open = []
+
+    def _accept(self, server: socket.socket) -> None:
+        with server:
+            while self.listening.is_set():
+                try:
+                    client, _ = server.accept()
+                except TimeoutError:
+                    continue
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+                self.open += [client, upstream]
+                for src, dst in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                time.sleep(self.delay)
+                dst.sendall(data)
+        for conn in (src, dst):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+def test_s3_outage_mid_stage_fails_clearly_and_a_rerun_completes(reference, small_corpus, s3_endpoint):
+    ref_root, _ = reference
+    proxy = CuttableProxy(s3_endpoint["port"], delay=0.02)
+    bucket, key = s3_endpoint["bucket"], f"outage-{uuid.uuid4().hex[:8]}"
+    cfg = config(small_corpus, f"s3://{bucket}/{key}")
+    cfg.storage.endpoint_url = proxy.url
+    cfg.storage.access_key_id = cfg.storage.secret_access_key = "testing"
+    cfg_file = Path(tempfile.mkdtemp()) / "cfg.json"
+    cfg_file.write_text(cfg.to_json())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_STAGE, str(cfg_file), "ingest"], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+
+    def units_done() -> int:  # completion markers on S3, read behind the proxy's back
+        listed = s3_endpoint["client"].list_objects_v2(Bucket=bucket, Prefix=f"{key}/ingest/").get("Contents", [])
+        return sum(f"/{PROGRESS}/" in o["Key"] and not o["Key"].endswith("identity.json") for o in listed)
+
+    deadline = time.monotonic() + 120
+    while units_done() < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proxy.cut()
+    cut_at = time.monotonic()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode not in (0, None), "the stage finished before the endpoint went away"
+    assert time.monotonic() - cut_at < 120, "retries must be bounded"
+    assert f"ingest: the S3 endpoint {proxy.url} stopped answering" in err, err[-3000:]
+    done_before = units_done()
+    assert 1 <= done_before < 3  # (three input files: three units)
+
+    proxy.restore()
+    stats = ingest.run(cfg, log=lambda _: None)
+    assert stats["units_resumed"] == done_before
+    written = storage.read_json(storage.join(stats["output"], MANIFEST), cfg.storage)
+    expected = json.loads((out_dir(ingest, config(small_corpus, ref_root)) / MANIFEST).read_text())
+    assert written["files"] == expected["files"] and written["counts"] == expected["counts"]
+    proxy.cut()
