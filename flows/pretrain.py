@@ -24,12 +24,14 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as flow_run_context
 
 from flows.credentials import resolve_credentials
 from flows.locks import output_lock
 from stages import dedup, evaluate, filter, ingest, launch, plan, tokenize, tokenizer, train_report
 from stages.config import PipelineConfig, load_config
 from stages.preflight import preflight
+from stages.stage import Force
 
 
 def _rows(stats: dict, prefix: str = "") -> list[dict[str, str]]:
@@ -55,7 +57,7 @@ def _stage_task(stage):
     name = stage.__name__.rsplit(".", 1)[-1]
 
     @task(name=name, cache_policy=NO_CACHE)
-    def run_stage_task(cfg: PipelineConfig, force: bool = False) -> dict:
+    def run_stage_task(cfg: PipelineConfig, force: Force = False) -> dict:
         log = get_run_logger().info
         with output_lock(name, stage.output(cfg).uri, log):  # (its upstream is built: the version is known)
             stats = stage.run(cfg, log=log, force=force)
@@ -83,7 +85,7 @@ def report_evaluation(stats: dict) -> dict:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: PipelineConfig, checkpoint: str | None = None, force: bool = False) -> dict:
+def evaluate_task(cfg: PipelineConfig, checkpoint: str | None = None, force: Force = False) -> dict:
     log = get_run_logger().info
     # one checkpoint's evaluation, or (no checkpoint given) those of every checkpoint of the config's run
     with output_lock("evaluate", checkpoint or launch.run_uri(launch.resolved(cfg)), log):
@@ -91,7 +93,7 @@ def evaluate_task(cfg: PipelineConfig, checkpoint: str | None = None, force: boo
     return report_evaluation(stats)
 
 
-def on_cluster_if_configured(stage_task, cfg: PipelineConfig, force: bool = False) -> dict:
+def on_cluster_if_configured(stage_task, cfg: PipelineConfig, force: Force = False) -> dict:
     """Run a data stage's task here, or with `cluster.dask_address` set, on that Dask cluster through
     prefect-dask (the stage then spreads its units over the same cluster: stages/parallel.py)."""
     if not cfg.cluster.dask_address:
@@ -125,7 +127,7 @@ class TrainingProgress:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(cfg: PipelineConfig, force: bool = False) -> dict:
+def train_task(cfg: PipelineConfig, force: Force = False) -> dict:
     log = get_run_logger().info
     with output_lock("train", launch.run_uri(launch.resolved(cfg)), log):
         # The torchrun children's output streams line by line into this task's log.
@@ -187,12 +189,19 @@ def pretrain(
     if dry_run:
         return {"plan": steps}
     stats: dict[str, dict] = {}
-    stats["ingest"] = on_cluster_if_configured(ingest_task, cfg, "ingest" in forced)
-    stats["filter"] = on_cluster_if_configured(filter_task, cfg, "filter" in forced)
-    stats["dedup"] = on_cluster_if_configured(dedup_task, cfg, "dedup" in forced)
-    stats["tokenizer"] = tokenizer_task(cfg, "tokenizer" in forced)
-    stats["tokenize"] = tokenize_task(cfg, "tokenize" in forced)
+    # A forced stage is forced once per flow run: the token (this run's id) lets a retry of it resume what its
+    # first attempt rebuilt rather than start that over (stages/stage.py: forced_now).
+    token = str(flow_run_context.id)
+
+    def force_of(stage: str) -> Force:
+        return token if stage in forced else False
+
+    stats["ingest"] = on_cluster_if_configured(ingest_task, cfg, force_of("ingest"))
+    stats["filter"] = on_cluster_if_configured(filter_task, cfg, force_of("filter"))
+    stats["dedup"] = on_cluster_if_configured(dedup_task, cfg, force_of("dedup"))
+    stats["tokenizer"] = tokenizer_task(cfg, force_of("tokenizer"))
+    stats["tokenize"] = tokenize_task(cfg, force_of("tokenize"))
     create_markdown_artifact(key="data-funnel", markdown="# Data funnel\n\n" + funnel(stats))
-    stats["train"] = train_task(cfg, "train" in forced)
-    stats["evaluate"] = evaluate_task(cfg, force="evaluate" in forced)
+    stats["train"] = train_task(cfg, force_of("train"))
+    stats["evaluate"] = evaluate_task(cfg, force=force_of("evaluate"))
     return stats

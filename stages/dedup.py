@@ -36,6 +36,7 @@ from stages.documents import ShardWriter, read_docs
 from stages.filter import output as filter_output
 from stages.minhash import EXACT_TABLE, Banding
 from stages.stage import (
+    Force,
     Log,
     Progress,
     StageResult,
@@ -255,7 +256,7 @@ def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
     return versioned_output("dedup", "dedup", cfg, ident or identity(cfg))
 
 
-def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
+def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
     upstream = filter_output(cfg)
     shards = committed_shards(upstream)
     ident = identity(cfg, upstream)

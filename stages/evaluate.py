@@ -50,6 +50,7 @@ from stages.checkpoints import complete_checkpoints, dcp_reader, latest_checkpoi
 from stages.config import ModelConfig, PipelineConfig, StorageConfig  # noqa: E402
 from stages.launch import run_uri  # noqa: E402
 from stages.model import KVCache, Transformer  # noqa: E402
+from stages.stage import Force, forced_now, mark_forced  # noqa: E402
 from stages.storage import (  # noqa: E402
     StageOutput,
     digest_of,
@@ -585,7 +586,7 @@ def run(
     log: Callable[[str], None] = print,
     device: str | torch.device | None = None,
     checkpoint: str | None = None,
-    force: bool = False,
+    force: Force = False,
 ) -> dict:
     """Evaluate `checkpoint` (default: the latest complete one of this config's run, and with
     evaluate.every_steps first the kept checkpoints at multiples of it); skip when a checkpoint's eval/ output is
@@ -606,11 +607,14 @@ def run(
     tokenizer_uri = meta["tokenizer_uri"]
     out = output(ckpt, storage)
     identity = eval_identity(cfg, step, meta, val_uri)
-    if out.is_current(identity) and not force:
+    forced = forced_now(out.uri, force, storage, log, "evaluate")
+    if out.is_current(identity) and not forced:
         stats = read_json(out.path("stats.json"), storage)
         log(f"evaluate: step {step} already evaluated at {out.uri}, skipping")
         return {**stats, "skipped": True}
     out.reset()
+    if forced:
+        mark_forced(out.uri, force, storage)
 
     dev = pick_device(device, cfg)
     log(f"evaluate: checkpoint {ckpt} (step {step}) on {dev}")

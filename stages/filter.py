@@ -24,6 +24,7 @@ from stages.config import PipelineConfig
 from stages.documents import ShardWriter, read_docs
 from stages.ingest import output as ingest_output
 from stages.stage import (
+    Force,
     Log,
     Progress,
     StageResult,
@@ -211,7 +212,7 @@ def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
     return versioned_output("filter", "filter", cfg, ident or identity(cfg))
 
 
-def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
+def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
     upstream = ingest_output(cfg)
     shards = committed_shards(upstream)
     ident = identity(cfg, upstream)

@@ -33,7 +33,7 @@ from datatrove.pipeline.extractors.base import ExtractorSandbox
 from stages import storage
 from stages.config import IngestConfig, PipelineConfig
 from stages.documents import Doc, ShardWriter
-from stages.stage import Log, Progress, StageResult, run_stage, run_units, stage_identity, versioned_output
+from stages.stage import Force, Log, Progress, StageResult, run_stage, run_units, stage_identity, versioned_output
 from stages.storage import StageOutput
 
 FORMATS = {
@@ -313,7 +313,7 @@ def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
     return versioned_output("ingest", "ingest", cfg, ident or identity(cfg))
 
 
-def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
+def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
     inputs = list_inputs(cfg)
     ident = identity(cfg, inputs)
     out = output(cfg, ident)

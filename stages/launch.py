@@ -35,6 +35,7 @@ from typing import Any
 from stages import scaling, storage
 from stages.checkpoints import META, step_uri
 from stages.config import REPO_ROOT, PipelineConfig
+from stages.stage import Force, forced_now, mark_forced
 
 # The ranks stop when the launching process is gone (torchrun runs in a session of its own, so a SIGKILL of the
 # flow run's process would otherwise leave it training beside the retry).
@@ -160,7 +161,7 @@ def run_training(
     cfg: PipelineConfig,
     on_line: Callable[[str], None] = print,
     on_metric: Callable[[dict], None] | None = None,
-    force: bool = False,
+    force: Force = False,
 ) -> dict[str, Any]:
     """Train (or resume, or skip) as configured; returns the run's summary plus seconds and losses. `force`
     deletes the run's folder first and trains from step 0.
@@ -170,9 +171,12 @@ def run_training(
     data_digest(cfg)  # no data: fail here, not after torchrun has started every rank
     cfg = resolved(cfg)
     run = run_uri(cfg)
-    if force:  # its old checkpoints go first: a retry after a crash must not find the old final one
+    if forced_now(run, force, cfg.storage, on_line, "train"):
+        # its old checkpoints go first: a retry after a crash must not find the old final one (and a retry of this
+        # forced run resumes from the new ones: the mark)
         on_line(f"training from scratch (forced): removing {run}")
         storage.remove(run, cfg.storage)
+        mark_forced(run, force, cfg.storage)
     done = _completed_summary(cfg, run)
     if done is not None:
         on_line(f"training already complete at {step_uri(run, cfg.train.max_steps)}: skipped")

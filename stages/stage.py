@@ -5,8 +5,8 @@ and the fingerprints of its inputs: raw files for ingest, the manifest digests o
 Its output lives at `{root}/{stage}/{version}`, the version being a digest of that identity (as Marin's executor
 derives paths): another config or code version writes beside, never over, an earlier output, so switching back
 is free and two configs can share a root. If the manifest at the version's path carries the identity the stage
-is skipped and its recorded stats returned; `force` rebuilds it anyway. Otherwise the stage is built, committing
-its manifest last.
+is skipped and its recorded stats returned; `force` rebuilds it anyway (once per flow run: a retry of the run
+that forced it does not start the rebuild over). Otherwise the stage is built, committing its manifest last.
 
 Inputs are fingerprinted by content (an upstream's manifest digest), not by the upstream's version: a stage
 whose code changed but whose output did not (a comment, a refactor) leaves everything downstream skipped, as
@@ -35,7 +35,7 @@ from functools import partial
 from typing import TypeVar
 
 from stages import storage
-from stages.config import PipelineConfig
+from stages.config import PipelineConfig, StorageConfig
 from stages.parallel import map_in_processes
 from stages.storage import StageOutput
 
@@ -117,10 +117,33 @@ def _run_unit(job: tuple, work: Callable) -> None:
     work(*job)
 
 
+Force = bool | str  # True, or a token naming the request (a flow run's id): see forced_now
+FORCED_BY = "forced_by.json"
+
+
+def forced_now(output_uri: str, force: Force, cfg: StorageConfig | None, log: Log, stage: str) -> bool:
+    """Whether this attempt rebuilds `output_uri`. `force=True`: always. A token: only until an attempt carrying
+    the same token has started the rebuild (mark_forced), so a retried flow run that asked for the rebuild resumes
+    or keeps what its first attempt rebuilt instead of throwing it away again."""
+    if not isinstance(force, str):
+        return bool(force)
+    marker = storage.join(output_uri, FORCED_BY)
+    if storage.exists(marker, cfg) and storage.read_json(marker, cfg).get("forced_by") == force:
+        log(f"{stage}: already rebuilt for this forced run ({force}), not forced again")
+        return False
+    return True
+
+
+def mark_forced(output_uri: str, force: Force, cfg: StorageConfig | None) -> None:
+    if isinstance(force, str):
+        storage.write_json(storage.join(output_uri, FORCED_BY), {"forced_by": force}, cfg)
+
+
 def run_stage(
-    output: StageOutput, identity: dict, build: Callable[[], StageResult], log: Log, force: bool = False
+    output: StageOutput, identity: dict, build: Callable[[], StageResult], log: Log, force: Force = False
 ) -> dict:
-    """Skip when `output` holds `identity` (unless `force`), resume an interrupted build of it, or build it."""
+    """Skip when `output` holds `identity` (unless forced), resume an interrupted build of it, or build it."""
+    token, force = force, forced_now(output.uri, force, output.storage, log, output.stage)
     if output.is_current(identity) and not force:
         stats = storage.read_json(output.path(storage.STATS), output.storage)
         log(f"{output.stage}: up to date at {output.uri}, skipped")
@@ -136,6 +159,8 @@ def run_stage(
     else:
         output.reset()
         storage.write_json(started_as, identity, output.storage)
+        if force:
+            mark_forced(output.uri, token, output.storage)
         log(f"{output.stage}: {'rebuilding (forced)' if force else 'building'} {output.uri}")
     started = time.perf_counter()
     try:

@@ -26,6 +26,7 @@ from stages.decontaminate import is_contaminated
 from stages.dedup import output as dedup_output
 from stages.documents import read_texts
 from stages.stage import (
+    Force,
     Log,
     StageResult,
     committed_shards,
@@ -145,7 +146,7 @@ def token_count(index: dict) -> int:
     return sum(chunk["dim"] for chunk in index["chunks"])
 
 
-def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
+def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
     from litdata import TokensLoader, optimize
 
     upstream, tok_out = dedup_output(cfg), tokenizer_output(cfg)

@@ -27,6 +27,7 @@ from stages.config import PipelineConfig, TokenizerConfig
 from stages.dedup import output as dedup_output
 from stages.documents import read_docs
 from stages.stage import (
+    Force,
     Log,
     StageResult,
     committed_shards,
@@ -118,7 +119,7 @@ def check_special_tokens(tokenizer, tc: TokenizerConfig) -> None:
             raise ValueError(f"tokenizer.{field}: {token!r} is not in the tokenizer's vocabulary")
 
 
-def run(cfg: PipelineConfig, log: Log = print, force: bool = False) -> dict:
+def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
     tc = cfg.tokenizer
     upstream = None if tc.path else dedup_output(cfg)
     ident = identity(cfg, upstream)

@@ -136,6 +136,11 @@ def test_rerun_skips_every_stage_and_config_change_rebuilds(pipeline):
     assert dedup.run(cfg, log=lines.append, force=True)["skipped"] is False
     assert any("rebuilding (forced)" in line for line in lines)
     assert json.loads((out_dir(dedup, cfg) / MANIFEST).read_text())["files"] == json.loads(manifest_before)["files"]
+    # A token (a flow run's id) forces once: the same token again, a retry of that flow run, keeps the rebuild.
+    assert dedup.run(cfg, log=lines.append, force="flow-run-1")["skipped"] is False
+    assert dedup.run(cfg, log=lines.append, force="flow-run-1")["skipped"] is True
+    assert any("not forced again" in line for line in lines)
+    assert dedup.run(cfg, log=lines.append, force="flow-run-2")["skipped"] is False
 
 
 def test_incomplete_output_is_rebuilt(pipeline):

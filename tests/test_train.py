@@ -450,6 +450,14 @@ def test_resume_continues_at_step(short_run, tmp_path):
     fresh, _, metrics = run(make_cfg(str(root), max_steps=3, checkpoint_every=10, resume="none"))
     assert [m["step"] for m in metrics] == [1, 2, 3] and fresh["first_loss"] == first["first_loss"]
 
+    # force with a token (a flow run's id) trains from scratch once; the same token again (a retry of that flow
+    # run) keeps what it trained.
+    lines: list[str] = []
+    forced = run_training(make_cfg(str(root), max_steps=3, checkpoint_every=10), lines.append, force="flow-run-1")
+    assert not forced["skipped"] and any("training from scratch (forced)" in line for line in lines)
+    again = run_training(make_cfg(str(root), max_steps=3, checkpoint_every=10), lines.append, force="flow-run-1")
+    assert again["skipped"] and any("not forced again" in line for line in lines)
+
 
 def test_activation_checkpointing_changes_nothing_but_memory(short_run, token_data, tmp_path):
     _, _, _, eager = short_run
