@@ -164,7 +164,7 @@ def run_training(
     force: Force = False,
 ) -> dict[str, Any]:
     """Train (or resume, or skip) as configured; returns the run's summary plus seconds and losses. `force`
-    deletes the run's folder first and trains from step 0.
+    deletes the run's folder first and trains from step 0 (with a token, once: stages/stage.py forced_now).
 
     `on_line` gets every line the ranks print, `on_metric` every per-step record (step, max_steps, loss, ...)."""
     started = time.time()

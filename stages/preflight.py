@@ -26,7 +26,7 @@ def _check_storage_root(cfg: PipelineConfig) -> None:
 def preflight(cfg: PipelineConfig) -> None:
     from stages.ingest import list_inputs
 
-    if cfg.storage.credentials_block and not cfg.storage.access_key_id:
+    if cfg.storage.credentials_block:  # (resolving it clears the name and sets the keys)
         raise ConfigError(
             f"storage.credentials_block: the Prefect block {cfg.storage.credentials_block!r} is not resolved; run "
             "through a flow, or call flows.credentials.resolve_credentials(cfg) first"

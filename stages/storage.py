@@ -298,8 +298,8 @@ def probe_s3(uri: str, cfg: StorageConfig | None, key: str | None = None, second
         raise StorageError("endpoint", f"{endpoint}: {uri}: S3 error {code}") from None
 
 
-def unreachable(exc: BaseException, cfg: StorageConfig | None) -> StorageError | None:
-    """A StorageError naming the endpoint when `exc` (or its cause) says it could not be reached, else None."""
+def unreachable(exc: BaseException, cfg: StorageConfig | None) -> str | None:
+    """What went wrong, naming the endpoint, when `exc` (or its cause) says it could not be reached; else None."""
     import botocore.exceptions
 
     lost = (
@@ -314,7 +314,7 @@ def unreachable(exc: BaseException, cfg: StorageConfig | None) -> StorageError |
     if seen is None:
         return None
     endpoint = effective_endpoint(cfg) or "the AWS default endpoint"
-    return StorageError("endpoint", f"the S3 endpoint {endpoint} stopped answering ({seen}; {S3_ATTEMPTS} attempts)")
+    return f"the S3 endpoint {endpoint} stopped answering ({seen}; {S3_ATTEMPTS} attempts)"
 
 
 def effective_endpoint(cfg: StorageConfig | None) -> str | None:

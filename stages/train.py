@@ -131,7 +131,7 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # alive, another user's (a reused pid would be: then the check is moot, not wrong)
+        pass  # the pid exists but belongs to another user: alive as far as we can tell
     return True
 
 
