@@ -56,8 +56,8 @@ def api(base: str, path: str, body: dict | None = None):
         headers={"Content-Type": "application/json"},
         method="POST" if body is not None else "GET",
     )
-    # Reads only (filters are POSTs that change nothing), so a slow answer is asked again: with the tests in two
-    # processes on two cores, training beside the server can keep SQLite-backed Prefect busy past 30 s.
+    # Reads only (filters are POSTs that change nothing), so a slow answer is asked again: on two busy cores,
+    # training beside the server has kept SQLite-backed Prefect from answering for over 30 s.
     for attempt in range(3):
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
