@@ -10,7 +10,12 @@ Why a limit on the Prefect server and not a file lock: flow runs may sit on diff
 nodes) and outputs on S3, and the server is the one thing they all reach. The name holds a digest of the output's
 URI, whose last part is the stage version, so runs of different configs (or of one config into different roots)
 never wait on each other. A slot is a lease the holder renews: when a flow process is killed while it builds, the
-slot frees itself within LEASE_SECONDS, which bounds how long a retry waits for a holder that is gone.
+slot frees itself within LEASE_SECONDS, which bounds how long another run waits for a holder that is gone.
+
+A retry of the killed run itself does not wait even that long: each lease's id is kept in a Prefect variable named
+like the limit, with the flow run that holds it, and a flow run that finds its own earlier attempt holding the lock
+releases that lease first (Prefect retries only a run that has ended, so that attempt is gone). Prefect's
+`concurrency()` does not expose the lease id, hence its lease functions are used here directly.
 """
 
 from __future__ import annotations
@@ -18,12 +23,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.concurrency._leases import maintain_concurrency_lease
+from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
 from prefect.exceptions import ObjectAlreadyExists
+from prefect.runtime import flow_run
+from prefect.variables import Variable
 
 LEASE_SECONDS = 60.0  # the server's minimum; renewed every 45 s by Prefect's lease thread while the stage runs
 
@@ -41,11 +51,23 @@ def output_lock(stage: str, output_uri: str, log: Callable[[str], None]) -> Iter
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
             pass  # made by an earlier run, or by the run this one races
+    run_id = flow_run.id  # None outside a flow run
+    held = Variable.get(name, default=None)
+    if run_id and held and held.get("flow_run_id") == run_id:
+        release_concurrency_slots_with_lease(uuid.UUID(held["lease_id"]))
+        log(f"{stage}: released the lock an earlier, killed attempt of this flow run held")
     started = time.monotonic()
-    # strict: a limit that vanished must not turn into no lock. A lease renewal that fails (the API briefly away)
-    # must not kill hours of training: it warns, and at worst two runs build one output, which stays consistent.
-    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS, raise_on_lease_renewal_failure=False):
-        waited = time.monotonic() - started
-        if waited >= 1.0:
-            log(f"{stage}: waited {waited:.0f} s for another flow run building {output_uri} (limit {name})")
-        yield
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=uuid.UUID(run_id)) if run_id else None
+    # strict: a limit that vanished must not turn into no lock
+    lease = acquire_concurrency_slots_with_lease([name], 1, lease_duration=LEASE_SECONDS, strict=True, holder=holder)
+    Variable.set(name, {"lease_id": str(lease.lease_id), "flow_run_id": run_id}, overwrite=True)
+    waited = time.monotonic() - started
+    if waited >= 1.0:
+        log(f"{stage}: waited {waited:.0f} s for another flow run building {output_uri} (limit {name})")
+    try:
+        # A lease renewal that fails (the API briefly away) must not kill hours of training: it warns, and at worst
+        # two runs build one output, which stays consistent.
+        with maintain_concurrency_lease(lease.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=False):
+            yield
+    finally:
+        release_concurrency_slots_with_lease(lease.lease_id)

@@ -1,5 +1,5 @@
-"""Serve the pipeline's deployments to the Prefect server named by PREFECT_API_URL: `pretrain/full` and
-`evaluate/checkpoint`.
+"""Serve the pipeline's deployments to the Prefect server named by PREFECT_API_URL: `pretrain/full`,
+`pretrain/data-refresh` (on the preset's `refresh.schedule`) and `evaluate/checkpoint`.
 
 `serve` registers the deployments and runs their flow runs in subprocesses of this process, which is the
 simplest way to make `prefect deployment run pretrain/full` work on one machine. infra/stack.py starts it;
@@ -10,11 +10,21 @@ from prefect import serve
 
 from flows.evaluate import evaluate_checkpoint
 from flows.pretrain import pretrain
+from flows.refresh import data_refresh
+from stages.config import load_config
+
+PRESET = "tiny"  # the embedded default; a deployment run can name another preset as a parameter
 
 if __name__ == "__main__":
     serve(
         pretrain.to_deployment(
-            name="full", parameters={"preset": "tiny"}, description="raw text to an evaluated model"
+            name="full", parameters={"preset": PRESET}, description="raw text to an evaluated model"
+        ),
+        data_refresh.to_deployment(
+            name="data-refresh",
+            parameters={"preset": PRESET},
+            cron=load_config(PRESET).refresh.schedule,  # None: no schedule, run it by hand
+            description="add the raw files new since the last dataset version; optionally continue pretraining",
         ),
         evaluate_checkpoint.to_deployment(name="checkpoint", description="evaluate any checkpoint with a task suite"),
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "config"
@@ -214,12 +214,24 @@ class DedupConfig(Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     bucket_records: int = Field(8_000_000, gt=0)  # per bucket unit (16 bytes each): its memory bound
     workers: int = Field(1, ge=1)  # processes
+    # Earlier dedup outputs (their folders' URIs) whose kept documents count as already seen: a document exactly
+    # or nearly like one of them is removed, and they are never removed themselves. Their signatures are read from
+    # the index each dedup output keeps (`signatures/`), not recomputed. The data-refresh flow sets this to every
+    # part of the dataset so far (stages/dataset.py).
+    against: list[str] = []
     runtime_only = ("workers", "bucket_records", "redis_url")
+
+    @model_validator(mode="after")
+    def _against_needs_tables(self) -> "DedupConfig":
+        if self.against and self.index != "tables":
+            raise ValueError("against needs index: tables (the kept signatures are stored as band tables)")
+        return self
 
 
 class TokenizerConfig(Strict):
-    # Either train a byte-level BPE on the deduplicated text, or load `path`: a tokenizer.json file, or a Hugging
-    # Face tokenizer directory (anything transformers' AutoTokenizer loads offline as a fast tokenizer).
+    # Either train a byte-level BPE on the deduplicated text, or load `path`: a tokenizer.json file (local or
+    # s3://), or a Hugging Face tokenizer directory (anything transformers' AutoTokenizer loads offline as a fast
+    # tokenizer).
     path: str | None = None
     vocab_size: int = Field(4096, ge=300)
     # The trainer reads at most this many characters, spread evenly over the shards: its cost does not grow with
@@ -368,6 +380,27 @@ class ClusterConfig(Strict):
     dask_address: str | None = None
 
 
+class RefreshConfig(Strict):
+    # The `pretrain/data-refresh` deployment (flows/refresh.py): ingest the raw files under ingest.inputs that are
+    # new since the dataset's last version, dedup them against everything already kept, tokenize them with the
+    # dataset's tokenizer and record a new version. `schedule`: a cron expression (UTC) for the deployment; None
+    # registers it without a schedule (run it by hand).
+    schedule: str | None = None
+    # After a new version: continue pretraining from the latest checkpoint (the previous refresh's, else this
+    # config's run) on the new part, with the train section's settings, then evaluate.
+    continue_training: bool = False
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        # Prefect's own parser (its vendored croniter), so what passes here is what the deployment accepts.
+        from prefect._vendor.croniter import croniter
+
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"not a cron expression: {value!r} (e.g. '0 3 * * *': daily at 03:00 UTC)")
+        return value
+
+
 class PipelineConfig(Strict):
     name: str = "tiny"
     storage: StorageConfig = StorageConfig()
@@ -380,6 +413,7 @@ class PipelineConfig(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    refresh: RefreshConfig = RefreshConfig()
 
     def section_digest(self, *sections: str) -> str:
         """Digest of the named sections: a stage's identity includes only the config it reads."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -51,6 +52,7 @@ from stages.storage import StageOutput
 
 WORK = "_work"
 REMOVED = "removed"
+SIGNATURES = "signatures"
 BATCH = 2048
 
 
@@ -76,9 +78,9 @@ def signature_unit(
         keys[:, start : start + BATCH] = batch_keys
         signatures.append(batch_signatures)
     docs = np.array([minhash.doc_number(shard, row) for row in range(len(texts))], dtype=np.uint64)
-    # the Redis index takes datasketch MinHash objects, so it needs the whole signatures, not just band keys
-    minhash.write_tables(tables_uri(work, shard), keys[:1] if redis else keys, docs, cfg)
-    if redis:
+    # every table, even with the Redis index: the kept documents' rows of them become the output's signature index
+    minhash.write_tables(tables_uri(work, shard), keys, docs, cfg)
+    if redis:  # the Redis index takes datasketch MinHash objects, so it needs the whole signatures too
         matrix = np.concatenate(signatures) if signatures else np.empty((0, banding.num_perm), dtype=np.uint32)
         minhash.save_array(storage.join(work, "signatures", f"{shard:05d}.npy"), matrix, cfg)
     result = {"docs": len(texts), "bytes": sum(len(t.encode("utf-8")) for t in texts)}
@@ -89,15 +91,23 @@ def signature_unit(
 def bucket_unit(
     unit: str,
     job: tuple[int, int, int],
-    shards: int,
+    tables: list[str],
+    seen: int,
     work: str,
     all_pairs: bool,
     cfg: StorageConfig | None,
     progress: Progress,
 ) -> dict:
+    """Candidate pairs of one key range of one table. The first `seen` table files are earlier parts' kept
+    indexes: pairs among those documents are not this run's to decide, so only pairs with a new one are kept."""
     table, part, parts = job
-    records = np.concatenate([minhash.read_range(tables_uri(work, s), table, part, parts, cfg) for s in range(shards)])
+    records = np.concatenate(
+        [minhash.read_range_as(uri, s, table, part, parts, cfg) for s, uri in enumerate(tables)]
+        or [np.empty(0, dtype=minhash.RECORD)]
+    )
     pairs = minhash.bucket_pairs(records, exact_table=table == EXACT_TABLE, all_pairs=all_pairs)
+    if seen:  # (pairs are (smaller, larger) and earlier parts' documents number first)
+        pairs = pairs[(pairs[:, 1] >> np.uint64(32)) >= seen]
     minhash.save_array(storage.join(work, "pairs", f"{unit}.npy"), pairs, cfg)
     result = {"records": int(records.size), "pairs": int(len(pairs))}
     progress.mark(unit, result)
@@ -196,17 +206,21 @@ def write_unit(
     job: tuple[int, str, np.ndarray, np.ndarray, np.ndarray],
     in_uri: str,
     out_uri: str,
+    work: str,
     shards: list[str],
     docs_per_shard: int,
     cfg: StorageConfig | None,
     progress: Progress,
 ) -> dict:
     """The shard without its removed documents, and the list of what was removed, as which kind, in favour of
-    which surviving document (its shard and row): the clusters, for inspection, without their text."""
+    which surviving document (its shard and row): the clusters, for inspection, without their text. Then the
+    kept documents' rows of the shard's tables, one file per output shard (`signatures/`): the index a later
+    dedup joins against (`dedup.against`) without computing a MinHash again."""
     import pyarrow as pa
 
     shard, name, rows, survivors, exact = job
     removed = {int(row): (int(survivor), bool(is_exact)) for row, survivor, is_exact in zip(rows, survivors, exact)}
+    kept_rows = []
     listed = []
     docs_in = bytes_in = 0
     with ShardWriter(out_uri, name.removesuffix(".parquet"), docs_per_shard, cfg) as writer:
@@ -215,12 +229,20 @@ def write_unit(
             bytes_in += len(doc.text.encode("utf-8"))
             if row not in removed:
                 writer.write(doc)
+                kept_rows.append(row)
                 continue
             survivor, is_exact = removed[row]
             survivor_shard, survivor_row = survivor >> 32, survivor & 0xFFFFFFFF
             listed.append({"id": doc.id, "kind": "exact" if is_exact else "near", "shard": name, "row": row,
                            "survivor_shard": shards[survivor_shard], "survivor_row": survivor_row})  # fmt: skip
     files = list(writer.files)
+    keys = minhash.keys_by_row(tables_uri(work, shard), cfg)
+    for i, written in enumerate(writer.files):
+        rows_in_file = np.array(kept_rows[i * docs_per_shard : (i + 1) * docs_per_shard], dtype=np.int64)
+        index = f"{SIGNATURES}/{written.removesuffix('.parquet')}.bin"
+        rows_out = np.arange(len(rows_in_file), dtype=np.uint64)
+        minhash.write_tables(storage.join(out_uri, index), keys[:, rows_in_file], rows_out, cfg)
+        files += [index, index + ".json"]
     if listed:
         files.append(f"{REMOVED}/{name}")
         minhash.write_parquet(storage.join(out_uri, files[-1]), pa.Table.from_pylist(listed), cfg)
@@ -246,9 +268,41 @@ def by_first_shard(pairs: np.ndarray) -> dict[int, np.ndarray]:
     return {int(s): pairs[shards == s] for s in np.unique(shards)}
 
 
-def identity(cfg: PipelineConfig, upstream: StageOutput | None = None) -> dict:
-    upstream = upstream or filter_output(cfg)
-    return stage_identity(__name__, cfg, "dedup", upstream_digest(upstream), helpers=(minhash,))
+@dataclass
+class SeenBefore:
+    """The earlier dedup outputs of `dedup.against`: their kept shards, each shard's signature index, and the
+    outputs' manifest digests (part of this output's identity)."""
+
+    shards: list[str]
+    tables: list[str]
+    digests: list[str]
+
+
+def seen_before(cfg: PipelineConfig) -> SeenBefore:
+    seen = SeenBefore([], [], [])
+    for uri in cfg.dedup.against:
+        earlier = StageOutput("dedup", uri, cfg.storage)
+        manifest = earlier.manifest()
+        if manifest is None:
+            raise ValueError(f"dedup.against: {uri} is not a finished dedup output (no manifest)")
+        for name in committed_shards(earlier):
+            index = f"{SIGNATURES}/{name.removesuffix('.parquet')}.bin"
+            if index not in manifest["files"]:
+                raise ValueError(
+                    f"dedup.against: {uri} keeps no signature index ({index}): an earlier version of the dedup "
+                    "stage made it; rebuild it"
+                )
+            seen.shards.append(earlier.path(name))
+            seen.tables.append(earlier.path(index))
+        seen.digests.append(manifest["digest"])
+    return seen
+
+
+def identity(cfg: PipelineConfig, upstream: StageOutput | None = None, seen: SeenBefore | None = None) -> dict:
+    inputs = upstream_digest(upstream or filter_output(cfg))
+    if cfg.dedup.against:
+        inputs = {"filtered": inputs, "against": (seen or seen_before(cfg)).digests}
+    return stage_identity(__name__, cfg, "dedup", inputs, helpers=(minhash,))
 
 
 def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
@@ -259,7 +313,8 @@ def output(cfg: PipelineConfig, ident: dict | None = None) -> StageOutput:
 def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
     upstream = filter_output(cfg)
     shards = committed_shards(upstream)
-    ident = identity(cfg, upstream)
+    seen = seen_before(cfg)
+    ident = identity(cfg, upstream, seen)
     out = output(cfg, ident)
     dc = cfg.dedup
 
@@ -267,7 +322,10 @@ def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
         banding = Banding.from_config(dc)
         threshold = dc.threshold if dc.threshold is not None else banding.implied_threshold
         progress, work, st = Progress(out), out.path(WORK), cfg.storage
-        shard_uris = [upstream.path(s) for s in shards]
+        # Earlier parts' kept shards number first, so in a cluster with one of them, one of them survives.
+        n_seen = len(seen.shards)
+        shard_uris = seen.shards + [upstream.path(s) for s in shards]
+        new = range(n_seen, len(shard_uris))
         redis = dc.index == "redis"
         seconds: dict[str, float] = {}
         resumed = 0
@@ -283,7 +341,7 @@ def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
 
         signed = phase(
             "signatures",
-            {f"signatures-{i:05d}": i for i in range(len(shards))},
+            {f"signatures-{i:05d}": i for i in new},
             partial(
                 signature_unit,
                 shard_uris=shard_uris,
@@ -294,14 +352,18 @@ def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
                 progress=progress,
             ),
         )
-        total_docs = sum(r["docs"] for r in signed.values())
+        seen_docs = sum(storage.read_json(uri + ".json", st)["docs"] for uri in seen.tables)
+        total_docs = seen_docs + sum(r["docs"] for r in signed.values())
+        table_files = seen.tables + [tables_uri(work, i) for i in new]
         tables = [EXACT_TABLE] if redis else range(1 + banding.bands)
         parts = minhash.partitions_for(total_docs, dc.bucket_records)
         bucket_units = {f"buckets-{t:03d}-{p:04d}": (t, p, parts) for t in tables for p in range(parts)}
         phase(
             "buckets",
             bucket_units,
-            partial(bucket_unit, shards=len(shards), work=work, all_pairs=dc.verify, cfg=st, progress=progress),
+            partial(
+                bucket_unit, tables=table_files, seen=n_seen, work=work, all_pairs=dc.verify, cfg=st, progress=progress
+            ),
         )
         pair_files = {unit: storage.join(work, "pairs", f"{unit}.npy") for unit in bucket_units}
         if redis:
@@ -342,15 +404,18 @@ def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
 
         started = time.perf_counter()
         members, survivors = minhash.clusters(np.concatenate([exact_pairs, near]))
-        removed = members[members != survivors]
+        # only this run's documents are removed: two earlier ones in a cluster joined by a new one both stay
+        removable = (members != survivors) & ((members >> np.uint64(32)) >= n_seen)
+        removed = members[removable]
         sizes = Counter(survivors.tolist())
         seconds["clusters"] = round(time.perf_counter() - started, 3)
-        removed_survivor = survivors[members != survivors]
+        removed_survivor = survivors[removable]
         removed_exact = np.isin(removed, exact_removed)
         removed_shard, removed_row = minhash.split_doc_numbers(removed)
         jobs = {}
-        for i, name in enumerate(shards):
+        for i in new:
             mine = removed_shard == i
+            name = shards[i - n_seen]
             jobs[f"write-{i:05d}"] = (i, name, removed_row[mine], removed_survivor[mine], removed_exact[mine])
         written = phase(
             "write",
@@ -359,13 +424,14 @@ def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
                 write_unit,
                 in_uri=upstream.uri,
                 out_uri=out.uri,
-                shards=shards,
+                work=work,
+                shards=seen.shards + shards,  # (how removed/ names a survivor: an earlier part's by its URI)
                 docs_per_shard=cfg.ingest.docs_per_shard,
                 cfg=st,
                 progress=progress,
             ),
         )
-        results = [written[f"write-{i:05d}"] for i in range(len(shards))]
+        results = [written[f"write-{i:05d}"] for i in new]
         counts = {key: sum(r[key] for r in results) for key in ("docs_in", "bytes_in", "docs_out", "bytes_out")}
         counts["removed"] = {"exact": int(exact_removed.size), "near": int(removed.size - exact_removed.size)}
         log(
@@ -386,6 +452,11 @@ def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
             "verify_threshold": round(threshold, 3) if dc.verify else None,
             "phase_seconds": seconds,
             "units_resumed": resumed,
+            "seen_before": {
+                "parts": len(dc.against),
+                "docs": seen_docs,
+                "removed": int(((removed_survivor >> np.uint64(32)) < n_seen).sum()),  # as copies of those
+            },
         }
         return StageResult([f for r in results for f in r["files"]], counts, stats)
 

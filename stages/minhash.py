@@ -72,13 +72,16 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return common / (a.size + b.size - common)
 
 
+ROW_MASK = 0xFFFFFFFF
+
+
 def doc_number(shard: int, row: int) -> int:
     """A document's global number: corpus order, so the smallest number in a cluster is its earliest document."""
     return (shard << 32) | row
 
 
 def split_doc_numbers(docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return (docs >> np.uint64(32)).astype(np.int64), (docs & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    return (docs >> np.uint64(32)).astype(np.int64), (docs & np.uint64(ROW_MASK)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,25 @@ def read_range(uri: str, table: int, part: int, parts: int, cfg: StorageConfig |
     fs, path = storage.filesystem(uri, cfg)
     data = fs.cat_file(path, start=start, end=start + (hi - lo) * RECORD.itemsize)
     return np.frombuffer(data, dtype=RECORD)
+
+
+def read_range_as(uri: str, shard: int, table: int, part: int, parts: int, cfg: StorageConfig | None) -> np.ndarray:
+    """`read_range`, the documents numbered as rows of `shard`: a kept index (numbered by its own rows) joins a
+    run whose shards are numbered differently."""
+    records = read_range(uri, table, part, parts, cfg).copy()
+    records["doc"] = (records["doc"] & np.uint64(ROW_MASK)) | (np.uint64(shard) << np.uint64(32))
+    return records
+
+
+def keys_by_row(uri: str, cfg: StorageConfig | None) -> np.ndarray:
+    """A table file's keys back in document order: (tables, docs) uint64, as `band_keys` gave them."""
+    meta = storage.read_json(uri + ".json", cfg)
+    with storage.open_uri(uri, "rb", cfg) as f:
+        records = np.frombuffer(f.read(), dtype=RECORD).reshape(meta["tables"], meta["docs"])
+    keys = np.empty(records.shape, dtype=np.uint64)
+    for t in range(meta["tables"]):
+        keys[t, records[t]["doc"] & np.uint64(ROW_MASK)] = records[t]["key"]
+    return keys
 
 
 def bucket_pairs(records: np.ndarray, exact_table: bool, all_pairs: bool) -> np.ndarray:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stages import storage
-from stages.config import PipelineConfig, TokenizerConfig
+from stages.config import PipelineConfig, StorageConfig, TokenizerConfig
 from stages.dedup import output as dedup_output
 from stages.documents import read_docs
 from stages.stage import (
@@ -57,10 +57,13 @@ def train_bpe(texts: Iterator[str], vocab_size: int, special_tokens: list[str]):
     return tokenizer
 
 
-def load_given(path: str):
-    """A `tokenizers.Tokenizer` from a tokenizer.json or a Hugging Face tokenizer directory."""
+def load_given(path: str, cfg: StorageConfig | None = None):
+    """A `tokenizers.Tokenizer` from a tokenizer.json (local or on S3) or a local Hugging Face tokenizer directory."""
     from tokenizers import Tokenizer
 
+    if storage.is_remote(path):
+        with storage.open_uri(path, "rb", cfg) as f:
+            return Tokenizer.from_str(f.read().decode("utf-8"))
     folder = Path(path)
     if not folder.is_dir():
         return Tokenizer.from_file(path)
@@ -74,8 +77,10 @@ def load_given(path: str):
     return loaded.backend_tokenizer
 
 
-def fingerprint_given(path: str) -> dict:
+def fingerprint_given(path: str, cfg: StorageConfig | None = None) -> dict:
     """What identifies a given tokenizer: its file, or every file of its directory."""
+    if storage.is_remote(path):
+        return {"path": path, "files": [storage.raw_fingerprint(path, cfg)]}
     folder = Path(path)
     files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else [folder]
     return {"path": path, "files": [storage.raw_fingerprint(str(f)) for f in files]}
@@ -96,7 +101,10 @@ def sample_texts(cfg: PipelineConfig, shard_uris: list[str]) -> Iterator[str]:
 
 def identity(cfg: PipelineConfig, upstream: StageOutput | None = None) -> dict:
     tc = cfg.tokenizer
-    source = fingerprint_given(tc.path) if tc.path else {"trained_on": upstream_digest(upstream or dedup_output(cfg))}
+    if tc.path:
+        source = fingerprint_given(tc.path, cfg.storage)
+    else:
+        source = {"trained_on": upstream_digest(upstream or dedup_output(cfg))}
     return stage_identity(__name__, cfg, "tokenizer", source)
 
 
@@ -128,7 +136,7 @@ def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
     def build() -> StageResult:
         chars = 0
         if tc.path:
-            tokenizer = load_given(tc.path)
+            tokenizer = load_given(tc.path, cfg.storage)
             log(f"tokenizer: loaded {tc.path}")
         else:
             shard_uris = [upstream.path(s) for s in committed_shards(upstream)]

@@ -29,6 +29,8 @@ def test_overrides_from_dict_and_strings():
         ({"model.n_heads": 3}, "model", "not divisible"),
         ({"dedup.threshold": 1.5}, "dedup.threshold", "less than 1"),
         ({"nonsense": 1}, "nonsense", "Extra inputs"),
+        ({"refresh.schedule": "61 3 * * *"}, "refresh.schedule", "not a cron expression: '61 3 * * *'"),
+        ({"dedup.against": ["x"], "dedup.index": "redis"}, "dedup", "against needs index: tables"),
     ],
 )
 def test_bad_config_names_file_and_field(overrides, field, problem):

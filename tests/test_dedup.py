@@ -20,6 +20,7 @@ from tests.conftest import SAMPLE, docs_in, free_port, ingest_without_filtering,
 
 
 def corpus(tmp_path, rows, **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
     settings = {"storage.root": str(tmp_path / "out"), "ingest.inputs": [str(src)], **overrides}
@@ -137,6 +138,51 @@ def test_output_is_the_same_however_the_work_is_split(planted, tmp_path):
     assert one["key_ranges"] == 1 and many["key_ranges"] > 8
     assert one["files"] == many["files"] and one["counts"] == many["counts"]
     assert one["identity"] == many["identity"]  # workers and key ranges change the speed, not the output
+
+
+def test_against_earlier_parts_removes_what_they_kept_and_never_their_documents(tmp_path):
+    """dedup.against (what a data refresh sets): a new part loses its copies of documents earlier parts kept,
+    found through their stored signature index; the earlier parts are read, never changed."""
+    texts, rng = sample_texts()[:9], random.Random(3)
+    first = corpus(tmp_path / "a", [(f"a{i}", t) for i, t in enumerate(texts[:6])])
+    dedup.run(first, log=lambda _: None)
+    first_out = out_dir(dedup, first)
+    manifest = json.loads((first_out / MANIFEST).read_text())
+    assert [n for n in manifest["files"] if n.startswith(f"{dedup.SIGNATURES}/")] == [
+        "signatures/part-0000-00000-00000.bin",
+        "signatures/part-0000-00000-00000.bin.json",
+    ]
+    rows = [
+        ("b0", texts[0]),  # an earlier part's document, again
+        ("b1", variant(texts[1], 0.01, rng)),  # nearly one
+        ("b2", texts[6]),
+        ("b3", texts[7]),
+        ("b4", texts[6]),  # a copy within the new part
+        ("b5", variant(texts[7], 0.01, rng)),
+    ]
+    second = corpus(tmp_path / "b", rows, **{"dedup.against": [str(first_out)]})
+    s = dedup.run(second, log=lambda _: None)
+    second_out = out_dir(dedup, second)
+    assert [d.id for d in docs_in(second_out)] == ["b2", "b3"]
+    assert s["removed"] == {"exact": 2, "near": 2} and s["docs_in"] == 6
+    assert s["seen_before"] == {"parts": 1, "docs": 6, "removed": 2}
+    listed = {r["id"]: r for r in pq.read_table(next((second_out / dedup.REMOVED).glob("*.parquet"))).to_pylist()}
+    assert listed["b0"]["kind"] == "exact" and listed["b0"]["survivor_shard"].startswith(str(first_out))
+    assert (listed["b1"]["kind"], listed["b1"]["survivor_row"]) == ("near", 1)
+    assert [d.id for d in docs_in(first_out)] == [f"a{i}" for i in range(6)]  # untouched
+    assert json.loads((first_out / MANIFEST).read_text()) == manifest
+
+    # A third part against both: whatever either kept is removed, the rest kept.
+    rows = [("c0", texts[7]), ("c1", texts[2]), ("c2", texts[8])]
+    third = corpus(tmp_path / "c", rows, **{"dedup.against": [str(first_out), str(second_out)]})
+    s = dedup.run(third, log=lambda _: None)
+    assert [d.id for d in docs_in(out_dir(dedup, third))] == ["c2"]
+    assert s["seen_before"] == {"parts": 2, "docs": 8, "removed": 2}
+
+    # An earlier output that is not a finished dedup output is named.
+    missing = corpus(tmp_path / "d", rows, **{"dedup.against": [str(tmp_path / "nothing")]})
+    with pytest.raises(ValueError, match=r"dedup.against: .*nothing is not a finished dedup output"):
+        dedup.run(missing, log=lambda _: None)
 
 
 def test_bucket_pairs_folds_exact_copies_and_gives_all_pairs_for_verification():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -21,7 +22,7 @@ import pytest
 from stages import dedup, filter, ingest, launch, tokenize, tokenizer
 from stages.config import load_config
 from stages.storage import MANIFEST
-from tests.conftest import BIN, REPO, free_port, out_dir
+from tests.conftest import BIN, REPO, docs_in, free_port, out_dir
 
 STAGES = ["ingest", "filter", "dedup", "tokenizer", "tokenize", "train", "evaluate"]
 # The S3 credentials of the stack's flow runs (moto takes any): distinctive, so a scan can tell they leaked nowhere.
@@ -261,12 +262,91 @@ def test_flow_process_killed_mid_training_then_retried(stack):
     assert retried.returncode == 0, retried.stdout + retried.stderr
     assert wait_for_end(stack, flow_run) == "COMPLETED", server_logs(stack)
     assert set(task_states(stack, flow_run).values()) == {"COMPLETED"}
-    assert any("resumed from" in line and "step-000020" in line for line in flow_run_logs(stack, flow_run))
+    logs = flow_run_logs(stack, flow_run)
+    assert any("resumed from" in line and "step-000020" in line for line in logs)
+    # the retry takes back the lock its killed attempt held instead of waiting for that lease to run out
+    assert any("train: released the lock an earlier, killed attempt of this flow run held" in line for line in logs)
+    assert not any("train: waited" in line for line in logs)
     metrics = Path(launch.run_uri(launch.resolved(cfg))) / "metrics.jsonl"
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
     # (That a resumed run's losses and weights equal an uninterrupted run's, bit for bit, and that a data stage
     # killed mid-way resumes to byte-identical output, is shown where it is cheaper: tests/test_train.py and
     # tests/test_resume.py.)
+
+
+def novel_documents(count: int, seed: int) -> list[str]:
+    """English documents like no sample text (sentences drawn from a small grammar), which pass the filters."""
+    adj = "quiet bright narrow ancient gentle heavy golden hollow rapid silver distant humble curious steady".split()
+    noun = "farmer river teacher market bridge village painter engine garden harbor student kitchen window".split()
+    verb = "watched crossed repaired visited painted followed described carried noticed praised opened".split()
+    rng = random.Random(seed)
+
+    def sentence() -> str:
+        a, n, v = (lambda: rng.choice(adj)), (lambda: rng.choice(noun)), (lambda: rng.choice(verb))
+        return f"The {a()} {n()} {v()} the {n()} near the {a()} {n()}, and then {v()} a {a()} {n()} with the {n()}."
+
+    return [" ".join(sentence() for _ in range(14)) for _ in range(count)]
+
+
+def test_data_refresh_adds_only_new_files_then_continues_pretraining(stack, tmp_path):
+    """`pretrain/data-refresh`, scheduled from config: the first run records the full pipeline's output as
+    version 1; after a new raw file lands, the next ingests only that file, drops its copies of documents already
+    kept, tokenizes it with the same tokenizer as version 2, and continues pretraining from the last checkpoint."""
+    root = COMPLETED.get("local_root")
+    assert root, "needs the outputs of test_pretrain_full_local"
+    deployment = api(stack["api"], "/deployments/name/pretrain/data-refresh")
+    assert [(s["schedule"]["cron"], s["active"]) for s in deployment["schedules"]] == [("0 3 * * *", True)]
+
+    first = run_deployment(stack, {"overrides": {"storage.root": root}}, deployment="pretrain/data-refresh")
+    assert set(task_states(stack, first).values()) == {"COMPLETED"}
+    logs = flow_run_logs(stack, first)
+    for stage in ("ingest", "filter", "dedup", "tokenizer", "tokenize"):
+        assert any(f"{stage}: up to date at" in line for line in logs), stage  # pretrain/full built them
+    cfg = load_config("tiny", {"storage.root": root})
+    v1 = json.loads((Path(root) / "dataset" / "v00001.json").read_text())
+    assert len(v1["parts"]) == 1 and sorted(v1["parts"][0]["raw_files"]) == sorted(cfg.ingest.inputs)
+    assert v1["parts"][0]["tokens"] == tokenize.output(cfg).uri
+
+    # A new raw file: 40 new documents, two documents the dataset already has and one nearly.
+    kept = [d.text for d in docs_in(out_dir(dedup, cfg))][:3]
+    rows = novel_documents(40, seed=7) + kept[:2] + [kept[2].replace(".", ";", 1)]
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    (drops / "2026-11-26.jsonl").write_text("".join(json.dumps({"id": f"new{i}", "text": t}) + "\n"
+                                                    for i, t in enumerate(rows)))  # fmt: skip
+    overrides = {
+        "storage.root": root,
+        "ingest.inputs": [*cfg.ingest.inputs, str(drops / "*.jsonl")],
+        "refresh.continue_training": True,
+    }
+    second = run_deployment(stack, {"overrides": overrides}, deployment="pretrain/data-refresh")
+    states = task_states(stack, second)
+    assert states == {s: "COMPLETED" for s in STAGES}, states
+    v2 = json.loads((Path(root) / "dataset" / "v00002.json").read_text())
+    assert v2["parts"][0] == v1["parts"][0] and len(v2["parts"]) == 2
+    new = v2["parts"][1]
+    assert list(new["raw_files"]) == [str(drops / "2026-11-26.jsonl")]
+    assert new["tokenizer_sha256"] == v1["tokenizer"]["sha256"] == v2["tokenizer"]["sha256"]
+    stats = {a["key"]: a for a in artifacts(stack, second).values()}
+    ingested = {r["metric"]: r["value"] for r in json.loads(stats["ingest-stats"]["data"])}
+    assert ingested["records_in"] == "43"  # only the new file
+    deduped = {r["metric"]: r["value"] for r in json.loads(stats["dedup-stats"]["data"])}
+    assert deduped["seen_before.removed"] == "3" and deduped["seen_before.parts"] == "1"
+    assert new["docs"] == 40 and v2["docs"] == v1["docs"] + 40
+    assert "Version 2" in stats["dataset-version"]["data"]
+
+    # Continued pretraining on the new part, from pretrain/full's last checkpoint.
+    trained = json.loads((Path(root) / "dataset" / "v00002.trained.json").read_text())
+    base_run = Path(launch.run_uri(launch.resolved(cfg)))
+    assert trained["from"] == str(base_run / "step-000060") and trained["step"] == 60
+    read = lambda run: [json.loads(line)["loss"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read(trained["run"])[0] < read(base_run)[0] - 1.0  # it starts from trained weights, not from scratch
+
+    # Nothing new since: no new version, no stage runs.
+    third = run_deployment(stack, {"overrides": overrides}, deployment="pretrain/data-refresh")
+    assert task_states(stack, third) == {}
+    assert any("nothing new under ingest.inputs since version 2" in line for line in flow_run_logs(stack, third))
+    assert not (Path(root) / "dataset" / "v00003.json").exists()
 
 
 def test_pretrain_full_s3(stack):

@@ -1,0 +1,78 @@
+"""The flow of the `pretrain/data-refresh` deployment: add the raw files that arrived since the dataset's last
+version as a new part, then (optionally) continue pretraining on it; on the cron schedule `refresh.schedule`.
+
+Thin like the `pretrain` flow: it finds what is new and builds the part's config (stages/dataset.py), runs the
+same stage tasks as `pretrain` on it (so the UI shows ingest, filter, dedup, tokenizer, tokenize) and records the
+version. The whole refresh holds the ledger's lock, so two refreshes of one dataset never build the same part
+twice or write the same version number: the second waits, then finds nothing new.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.credentials import resolve_credentials
+from flows.locks import output_lock
+from flows.pretrain import (
+    dedup_task,
+    evaluate_task,
+    filter_task,
+    ingest_task,
+    on_cluster_if_configured,
+    tokenize_task,
+    tokenizer_task,
+    train_task,
+)
+from stages import dataset
+from stages.config import load_config
+from stages.preflight import preflight
+
+
+# Named `pretrain` as the full pipeline's flow is: Prefect addresses a deployment as <flow name>/<deployment>,
+# and the refresh belongs beside `pretrain/full` as `pretrain/data-refresh` (each deployment keeps its entrypoint).
+@flow(name="pretrain")
+def data_refresh(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> dict:
+    """Ingest only raw files new since the last dataset version, dedup them against everything kept, tokenize
+    them with the dataset's tokenizer and record a new version; then, with `refresh.continue_training`,
+    continue pretraining on the new part and evaluate."""
+    cfg = resolve_credentials(load_config(preset, overrides))
+    preflight(cfg)
+    logger = get_run_logger()
+    stats: dict[str, Any] = {}
+    with output_lock("dataset", dataset.ledger_uri(cfg), logger.info):
+        previous = dataset.latest(cfg)
+        if previous is None:
+            logger.info("no dataset version yet: the first is this config's own pipeline output")
+            part_cfg = cfg
+        else:
+            new, changed = dataset.new_raw_files(cfg, previous)
+            for uri in changed:
+                logger.warning("%s changed since version %d consumed it; left out, not ingested twice", uri,
+                               previous["version"])  # fmt: skip
+            if not new:
+                logger.info("nothing new under ingest.inputs since version %d", previous["version"])
+                return {"version": previous["version"], "new_files": [], "changed_files": changed}
+            logger.info("%d new raw files since version %d: %s", len(new), previous["version"], ", ".join(new))
+            part_cfg = dataset.increment_config(cfg, previous, new)
+            stats["new_files"] = new
+        stats["ingest"] = on_cluster_if_configured(ingest_task, part_cfg)
+        stats["filter"] = on_cluster_if_configured(filter_task, part_cfg)
+        stats["dedup"] = on_cluster_if_configured(dedup_task, part_cfg)
+        stats["tokenizer"] = tokenizer_task(part_cfg)
+        stats["tokenize"] = tokenize_task(part_cfg)
+        version = dataset.record(cfg, previous, part_cfg)
+    table = dataset.markdown(version)
+    logger.info("recorded dataset version %d:\n%s", version["version"], table)
+    create_markdown_artifact(key="dataset-version", markdown="# Dataset version\n\n" + table)
+    stats["version"] = version["version"]
+    if cfg.refresh.continue_training and previous is not None:
+        train_cfg = dataset.continued_training_config(cfg, version)
+        start = train_cfg.train.initial_checkpoint
+        logger.info("continued pretraining on part %d from %s", len(version["parts"]), start)
+        stats["train"] = train_task(train_cfg)
+        stats["trained"] = dataset.record_trained(cfg, version, train_cfg)
+        stats["evaluate"] = evaluate_task(train_cfg)
+    return stats
