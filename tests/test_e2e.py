@@ -276,14 +276,18 @@ def test_flow_process_killed_mid_training_then_retried(stack):
 
 def novel_documents(count: int, seed: int) -> list[str]:
     """English documents like no sample text (sentences drawn from a small grammar), which pass the filters."""
-    adj = "quiet bright narrow ancient gentle heavy golden hollow rapid silver distant humble curious steady".split()
-    noun = "farmer river teacher market bridge village painter engine garden harbor student kitchen window".split()
-    verb = "watched crossed repaired visited painted followed described carried noticed praised opened".split()
+    adj = ("quiet bright narrow ancient gentle heavy golden hollow rapid silver distant humble curious steady brave "
+           "wooden frozen dusty crowded open").split()  # fmt: skip
+    noun = ("farmer river teacher market bridge village painter engine garden harbor student kitchen mountain window "
+            "library sailor forest lantern meadow traveler").split()  # fmt: skip
+    verb = "watched crossed repaired visited painted followed described carried noticed praised opened measured".split()
+    place = "near behind beyond under beside across inside around".split()
     rng = random.Random(seed)
 
     def sentence() -> str:
         a, n, v = (lambda: rng.choice(adj)), (lambda: rng.choice(noun)), (lambda: rng.choice(verb))
-        return f"The {a()} {n()} {v()} the {n()} near the {a()} {n()}, and then {v()} a {a()} {n()} with the {n()}."
+        return (f"The {a()} {n()} {v()} the {n()} {rng.choice(place)} the {a()} {n()}, and then {v()} a {a()} {n()} "
+                f"with the {n()}.")  # fmt: skip
 
     return [" ".join(sentence() for _ in range(14)) for _ in range(count)]
 
@@ -309,7 +313,7 @@ def test_data_refresh_adds_only_new_files_then_continues_pretraining(stack, tmp_
 
     # A new raw file: 40 new documents, two documents the dataset already has and one nearly.
     kept = [d.text for d in docs_in(out_dir(dedup, cfg))][:3]
-    rows = novel_documents(40, seed=7) + kept[:2] + [kept[2].replace(".", ";", 1)]
+    rows = novel_documents(40, seed=1) + kept[:2] + [kept[2].replace(".", ";", 1)]
     drops = tmp_path / "drops"
     drops.mkdir()
     (drops / "2026-11-26.jsonl").write_text("".join(json.dumps({"id": f"new{i}", "text": t}) + "\n"
