@@ -12,10 +12,11 @@ URI, whose last part is the stage version, so runs of different configs (or of o
 never wait on each other. A slot is a lease the holder renews: when a flow process is killed while it builds, the
 slot frees itself within LEASE_SECONDS, which bounds how long another run waits for a holder that is gone.
 
-A retry of the killed run itself does not wait even that long: each lease's id is kept in a Prefect variable named
-like the limit, with the flow run that holds it, and a flow run that finds its own earlier attempt holding the lock
-releases that lease first (Prefect retries only a run that has ended, so that attempt is gone). Prefect's
-`concurrency()` does not expose the lease id, hence its lease functions are used here directly.
+A retry of the killed run itself does not wait even that long: while a lease is held its id is kept in a Prefect
+variable named like the limit, with the flow run that holds it (a killed holder leaves it behind), and a flow run
+that finds its own earlier attempt holding the lock releases that lease first (Prefect retries only a run that has
+ended, so that attempt is gone). Prefect's `concurrency()` does not expose the lease id, hence its lease functions
+are used here directly.
 """
 
 from __future__ import annotations
@@ -71,3 +72,5 @@ def output_lock(stage: str, output_uri: str, log: Callable[[str], None]) -> Iter
             yield
     finally:
         release_concurrency_slots_with_lease(lease.lease_id)
+        if (Variable.get(name, default=None) or {}).get("lease_id") == str(lease.lease_id):  # (not a later holder's)
+            Variable.unset(name)

@@ -44,6 +44,7 @@ def data_refresh(preset: str = "tiny", overrides: dict[str, Any] | None = None) 
     stats: dict[str, Any] = {}
     with output_lock("dataset", dataset.ledger_uri(cfg), logger.info):
         previous = dataset.latest(cfg)
+        part_cfg = None
         if previous is None:
             logger.info("no dataset version yet: the first is this config's own pipeline output")
             part_cfg = cfg
@@ -52,27 +53,34 @@ def data_refresh(preset: str = "tiny", overrides: dict[str, Any] | None = None) 
             for uri in changed:
                 logger.warning("%s changed since version %d consumed it; left out, not ingested twice", uri,
                                previous["version"])  # fmt: skip
-            if not new:
+            if new:
+                logger.info("%d new raw files since version %d: %s", len(new), previous["version"], ", ".join(new))
+                part_cfg = dataset.increment_config(cfg, previous, new)
+            else:
                 logger.info("nothing new under ingest.inputs since version %d", previous["version"])
-                return {"version": previous["version"], "new_files": [], "changed_files": changed}
-            logger.info("%d new raw files since version %d: %s", len(new), previous["version"], ", ".join(new))
-            part_cfg = dataset.increment_config(cfg, previous, new)
-            stats["new_files"] = new
-        stats["ingest"] = on_cluster_if_configured(ingest_task, part_cfg)
-        stats["filter"] = on_cluster_if_configured(filter_task, part_cfg)
-        stats["dedup"] = on_cluster_if_configured(dedup_task, part_cfg)
-        stats["tokenizer"] = tokenizer_task(part_cfg)
-        stats["tokenize"] = tokenize_task(part_cfg)
-        version = dataset.record(cfg, previous, part_cfg)
-    table = dataset.markdown(version)
-    logger.info("recorded dataset version %d:\n%s", version["version"], table)
-    create_markdown_artifact(key="dataset-version", markdown="# Dataset version\n\n" + table)
+            stats.update(new_files=new, changed_files=changed)
+        if part_cfg is not None:
+            stats["ingest"] = on_cluster_if_configured(ingest_task, part_cfg)
+            stats["filter"] = on_cluster_if_configured(filter_task, part_cfg)
+            stats["dedup"] = on_cluster_if_configured(dedup_task, part_cfg)
+            stats["tokenizer"] = tokenizer_task(part_cfg)
+            stats["tokenize"] = tokenize_task(part_cfg)
+            version = dataset.record(cfg, previous, part_cfg)
+            logger.info("recorded dataset version %d", version["version"])
+        else:
+            version = previous
     stats["version"] = version["version"]
-    if cfg.refresh.continue_training and previous is not None:
+    create_markdown_artifact(
+        key="dataset-version",
+        markdown="# Dataset version\n\n" + dataset.markdown(version),
+        description="recorded by this run" if part_cfg is not None else "unchanged: no new raw files",
+    )
+    # (also when nothing is new: a retry of a refresh killed after recording its version still trains on it)
+    if cfg.refresh.continue_training and version["version"] > 1 and not dataset.trained(cfg, version):
         train_cfg = dataset.continued_training_config(cfg, version)
         start = train_cfg.train.initial_checkpoint
         logger.info("continued pretraining on part %d from %s", len(version["parts"]), start)
         stats["train"] = train_task(train_cfg)
-        stats["trained"] = dataset.record_trained(cfg, version, train_cfg)
         stats["evaluate"] = evaluate_task(train_cfg)
+        stats["trained"] = dataset.record_trained(cfg, version, train_cfg)
     return stats

@@ -106,6 +106,9 @@ def base_env(state: Path, port: int, bind: str) -> dict[str, str]:
         PREFECT_SERVER_API_PORT=str(port),
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
     )
+    # The serving process looks for new flow runs every 2 s instead of Prefect's 10: on one machine `deployment run`
+    # and Retry then start at once, for one cheap query every 2 s.
+    env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
     if env.get(AUTH_ENV):
         env["PREFECT_API_AUTH_STRING"] = env[AUTH_ENV]  # the serving process is a client of the server
     return env
@@ -133,8 +136,11 @@ def ensure_process(state: Path, name: str, port: int | None, argv: list[str], en
     return f"{what}: started (pid {pid})"
 
 
+DEPLOYMENTS = ("pretrain/full", "pretrain/data-refresh", "evaluate/checkpoint")  # what flows/serve.py registers
+
+
 def deployment_registered(port: int, auth: str | None) -> bool:
-    return http_ok(f"{api_url(port)}/deployments/name/pretrain/full", auth)
+    return all(http_ok(f"{api_url(port)}/deployments/name/{name}", auth) for name in DEPLOYMENTS)
 
 
 def create_buckets(s3_port: int) -> None:
@@ -191,7 +197,7 @@ def up(state: Path, port: int, s3_port: int | None, bind: str = HOST) -> list[st
             [sys.executable, "-m", "flows.serve"],
             env,
             lambda: deployment_registered(port, auth),
-            "deployments (pretrain/full)",
+            f"deployments ({', '.join(DEPLOYMENTS)})",
         )
     )
     shell = f"export PREFECT_API_URL={api_url(port)}\n"

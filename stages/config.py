@@ -64,6 +64,10 @@ class IngestConfig(Strict):
     docs_per_shard: int = Field(5000, gt=0)
     min_text_chars: int = Field(1, ge=1)  # fewer non-blank characters: quarantined as empty_text
     max_doc_bytes: int = Field(10_000_000, gt=0)  # larger documents: quarantined as too_large
+    # A WARC page whose HTML extraction takes longer is quarantined as extraction_timeout (a pathological page must not
+    # hang the stage). Generous, because it is wall time: on a loaded machine a normal page can take seconds, and a
+    # quarantine that depends on load would make the output depend on it too.
+    extract_timeout_s: float = Field(30.0, gt=0)
     workers: int = Field(1, ge=1)  # processes; one input file each at a time
     runtime_only = ("workers",)
 

@@ -164,6 +164,11 @@ def continued_training_config(cfg: PipelineConfig, version: dict) -> PipelineCon
     return part
 
 
+def trained(cfg: PipelineConfig, version: dict) -> bool:
+    """Whether continued pretraining on the version's newest part has finished (and was recorded)."""
+    return storage.exists(trained_uri(cfg, version["version"]), cfg.storage)
+
+
 def record_trained(cfg: PipelineConfig, version: dict, train_cfg: PipelineConfig) -> dict:
     run = launch.run_uri(launch.resolved(train_cfg))
     found = checkpoints.latest_checkpoint(run, cfg.storage)

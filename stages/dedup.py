@@ -11,7 +11,14 @@ units); scratch files live in `_work/` and are removed once the manifest is writ
    written, then each pair is kept only if its exact Jaccard similarity reaches the threshold;
 4. clusters, in one process: connected components over all pairs (transitive), the earliest document of each
    cluster survives (deterministic whatever the order units finished in);
-5. write, one unit per shard: the shard without its removed documents.
+5. write, one unit per shard: the shard without its removed documents, and beside each output shard its kept
+   documents' rows of the band tables (`signatures/`): the index a later dedup joins against.
+
+`dedup.against` names earlier dedup outputs whose kept documents count as already seen (a data refresh sets it to
+every part of the dataset so far: stages/dataset.py). Their `signatures/` tables join phase 2 as they are, numbered
+before this run's shards, so a cluster holding one of them keeps it; pairs among them are dropped (theirs was
+decided when they were built) and only this run's documents are ever removed. No MinHash is computed for them
+again; the price is that phase 2 reads their keys once per run.
 
 With `dedup.index: redis`, phase 2's band tables are replaced by datasketch's `MinHashLSH` on a Redis server
 that every worker shares: all workers insert their shards, then all query them, so the pairs found do not

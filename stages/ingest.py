@@ -21,6 +21,7 @@ import contextlib
 import gzip
 import io
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from datatrove.pipeline.extractors.base import ExtractorSandbox
 from stages import storage
 from stages.config import IngestConfig, PipelineConfig
 from stages.documents import Doc, ShardWriter
+from stages.parallel import exit_when_gone
 from stages.stage import Force, Log, Progress, StageResult, run_stage, run_units, stage_identity, versioned_output
 from stages.storage import StageOutput
 
@@ -52,7 +54,6 @@ FORMATS = {
     ".md": "text",
 }
 QUARANTINE_RAW_CHARS = 2000  # enough of a bad record to see what is wrong with it
-EXTRACT_TIMEOUT_S = 5.0
 
 
 def detect_format(uri: str) -> str:
@@ -199,8 +200,16 @@ class RestartableSandbox(ExtractorSandbox):
     pickled.
     """
 
+    def __init__(self, timeout: float, warmup_text: str = ""):
+        super().__init__(timeout, warmup_text)
+        self.owner = os.getpid()
+
     def __getstate__(self) -> dict:
-        return {"timeout": self.timeout, "warmup_text": self.warmup_text}
+        return {"timeout": self.timeout, "warmup_text": self.warmup_text, "owner": self.owner}
+
+    def _worker(self, conn, extract_fn):
+        exit_when_gone(self.owner)  # (the child: it must not outlive the process extracting through it)
+        return super()._worker(conn, extract_fn)
 
 
 def read_warc(uri: str, cfg: PipelineConfig, skipped: Counter) -> Iterator[Record]:
@@ -209,8 +218,9 @@ def read_warc(uri: str, cfg: PipelineConfig, skipped: Counter) -> Iterator[Recor
     from datatrove.pipeline.readers.warc import process_record
     from warcio.archiveiterator import ArchiveIterator
 
-    extractor = Trafilatura(favour_precision=True, timeout=EXTRACT_TIMEOUT_S)
-    with storage.open_uri(uri, "rb", cfg.storage) as f, RestartableSandbox(EXTRACT_TIMEOUT_S) as sandbox:
+    timeout = cfg.ingest.extract_timeout_s
+    extractor = Trafilatura(favour_precision=True, timeout=timeout)
+    with storage.open_uri(uri, "rb", cfg.storage) as f, RestartableSandbox(timeout) as sandbox:
         for number, record in enumerate(ArchiveIterator(f), 1):
             if record.rec_type not in ("response", "conversion"):
                 skipped["warc_non_document_records"] += 1  # warcinfo, request, metadata: not documents

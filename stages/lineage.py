@@ -10,7 +10,8 @@ manifests' digests, a checkpoint's meta.json names its data's digest, an evaluat
 checkpoint. The storage root's manifests (`{root}/*/*/manifest.json`, a handful of small files per stage and
 version) are read once and indexed by digest to follow those links. Walking a tree is enough for a pipeline of
 this shape; a stage that reads a digest no manifest under the root carries (a dataset made elsewhere) ends its
-branch with the digest alone.
+branch with the digest alone. A tokenized dataset that a data refresh added to a dataset version (the ledger under
+`{root}/dataset/`) is shown with the first version that holds it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from stages import storage
 from stages.checkpoints import META
 from stages.config import StorageConfig
+from stages.dataset import FOLDER as DATASET_FOLDER
 
 
 def _find_record(uri: str, cfg: StorageConfig | None) -> tuple[str, str, dict]:
@@ -53,6 +55,16 @@ def _manifests(root: str, cfg: StorageConfig | None) -> dict[str, dict]:
     return found
 
 
+def _first_versions(root: str, cfg: StorageConfig | None) -> dict[str, int]:
+    """The dataset version (stages/dataset.py's ledger) that first held each tokenized part, by the part's URI."""
+    first: dict[str, int] = {}
+    for uri in sorted(storage.expand(storage.join(root, DATASET_FOLDER, "v?????.json"), cfg)):
+        version = storage.read_json(uri, cfg)
+        for part in version["parts"]:
+            first.setdefault(part["tokens"], version["version"])
+    return first
+
+
 def _digests(value) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -81,6 +93,8 @@ def _node_of_manifest(manifest: dict, index: dict[str, dict]) -> dict:
     }
     if manifest["stage"] == "tokenize":
         node["tokenizer_sha256"] = manifest["counts"].get("tokenizer_sha256")
+        if manifest.get("dataset_version"):
+            node["dataset_version"] = manifest["dataset_version"]
     for digest in _digests(identity.get("inputs")):
         if digest in index:
             node["inputs"].append(_node_of_manifest(index[digest], index))
@@ -92,7 +106,12 @@ def _node_of_manifest(manifest: dict, index: dict[str, dict]) -> dict:
 def lineage(uri: str, cfg: StorageConfig | None = None) -> dict:
     """The tree of what made `uri`: nested dicts (kind, uri, code, config, git_commit, created, inputs)."""
     kind, folder, record = _find_record(uri, cfg)
-    index = _manifests(_root_of(folder, kind), cfg)
+    root = _root_of(folder, kind)
+    index = _manifests(root, cfg)
+    versions = _first_versions(root, cfg)
+    for manifest in index.values():
+        if manifest["uri"] in versions:
+            manifest["dataset_version"] = versions[manifest["uri"]]
     if kind == "output" and record.get("stage") == "evaluate":
         ckpt = folder.rsplit("/", 1)[0]
         node = {
@@ -129,11 +148,8 @@ def lineage(uri: str, cfg: StorageConfig | None = None) -> dict:
 
 
 def render(node: dict, depth: int = 0) -> list[str]:
-    details = [
-        f"{key} {node[key]}"
-        for key in ("step", "code", "config", "git_commit", "tokenizer_sha256", "created", "data_digest")
-        if node.get(key)
-    ]
+    shown = ("step", "dataset_version", "code", "config", "git_commit", "tokenizer_sha256", "created", "data_digest")
+    details = [f"{key} {node[key]}" for key in shown if node.get(key)]
     lines = [f"{'  ' * depth}{node['kind']}: {node['uri']}" + (f"  ({', '.join(details)})" if details else "")]
     for raw, fingerprint in (node.get("raw_inputs") or {}).items():
         lines.append(f"{'  ' * (depth + 1)}raw: {raw}  ({json.dumps(fingerprint, sort_keys=True)})")

@@ -14,6 +14,9 @@ it waits, so the stage's own task does not hold a slot its units need.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -31,8 +34,44 @@ def map_in_processes(
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(items)), mp_context=context, initializer=exit_when_gone, initargs=(os.getpid(),)
+    ) as pool:
         return list(pool.map(fn, items))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    if pid <= 0:
+        return True  # (nothing to watch)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists but belongs to another user: alive as far as we can tell
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return True  # no /proc (not Linux): os.kill said it exists
+
+
+def exit_when_gone(pid: int, every: float = 1.0) -> None:
+    """Exit this process once process `pid` is gone, checked by a daemon thread every `every` seconds.
+
+    A stage's process that is SIGKILLed (a lost flow run) cannot stop its workers. Left running they would go on
+    building units beside the retry, and they hold the stage's stdout, so Prefect's runner, which reads it to the
+    end, would not see the run crash until they finished. The kernel's parent-death signal cannot do this here:
+    forkserver workers are the forkserver's children, and it lives as long as they do.
+    """
+
+    def watch() -> None:
+        while process_alive(pid):
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-when-{pid}-gone", daemon=True).start()
 
 
 def map_on_dask(fn: Callable[[T], R], items: list[T], address: str) -> list[R]:

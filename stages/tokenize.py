@@ -13,7 +13,10 @@ shards.
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
+import os
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -25,6 +28,7 @@ from stages.config import PipelineConfig, StorageConfig
 from stages.decontaminate import is_contaminated
 from stages.dedup import output as dedup_output
 from stages.documents import read_texts
+from stages.parallel import exit_when_gone
 from stages.stage import (
     Force,
     Log,
@@ -72,6 +76,8 @@ def encode_shard(
     import torch
     from tokenizers import Tokenizer
 
+    if multiprocessing.parent_process() is not None:  # a litdata worker (forked): not to outlive a killed stage
+        watch_parent_once()
     tokenizer = Tokenizer.from_file(tokenizer_path)
     batch: list[str] = []
     kept = 0
@@ -102,6 +108,11 @@ def encode_shard(
     if batch:
         yield flush()
     Path(counts_dir, f"{split}-{index}.json").write_text(json.dumps({"docs": kept}))
+
+
+@functools.cache
+def watch_parent_once() -> None:
+    exit_when_gone(os.getppid())
 
 
 def _read_jsonl(uri: str, cfg: StorageConfig | None):

@@ -76,6 +76,7 @@ from stages.launch import (
     tokenizer_vocab_size,
 )
 from stages.model import Transformer
+from stages.parallel import process_alive
 
 
 class TrainingDiverged(RuntimeError):
@@ -121,18 +122,6 @@ def setup_distributed(cfg: PipelineConfig) -> tuple[torch.device, Any]:
         dist.init_process_group("gloo")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
     return device, mesh
-
-
-def process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # (not launched by stages/launch.py: nothing to watch)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # the pid exists but belongs to another user: alive as far as we can tell
-    return True
 
 
 def make_deterministic(seed: int, device: torch.device) -> None:

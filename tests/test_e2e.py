@@ -274,6 +274,53 @@ def test_flow_process_killed_mid_training_then_retried(stack):
     # tests/test_resume.py.)
 
 
+def flow_process(flow_run_id: str) -> psutil.Process:
+    """The process running a flow run: the serving process's child with the run's id in its environment (the
+    stage's worker processes inherit that environment too; they are its children)."""
+
+    def runs_it(process: psutil.Process | None) -> bool:
+        try:
+            return process is not None and process.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id
+        except psutil.Error:
+            return False
+
+    top = [p for p in psutil.process_iter() if runs_it(p) and not runs_it(p.parent())]
+    assert len(top) == 1, top
+    return top[0]
+
+
+def test_flow_process_killed_in_data_stages_then_retried(stack, tmp_path):
+    """SIGKILL of the flow run's process while ingest runs, then again while filter runs: each `prefect flow-run
+    retry` resumes the interrupted stage from its finished units, and every data stage's output equals that of
+    the uninterrupted run of the same config (test_pretrain_full_local), file for file."""
+    reference = COMPLETED.get("local_root")
+    assert reference, "needs the outputs of test_pretrain_full_local"
+    root = tmp_path / "outputs"
+    flow_run = start_deployment(stack, {"overrides": {"storage.root": str(root)}})
+    env = {**os.environ, "PREFECT_API_URL": stack["api"]}
+    for stage in ("ingest", "filter"):
+        deadline = time.monotonic() + 300
+        while not [m for m in root.glob(f"{stage}/*/_progress/*.json") if m.name != "identity.json"]:
+            assert time.monotonic() < deadline, f"no {stage} unit finished"
+            time.sleep(0.05)
+        flow_process(flow_run).send_signal(signal.SIGKILL)  # one of its units is done, others are not
+        assert wait_for_end(stack, flow_run, seconds=120) == "CRASHED"
+        assert task_states(stack, flow_run)[stage] != "COMPLETED"
+        retried = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", flow_run], env=env,
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert wait_for_end(stack, flow_run) == "COMPLETED", server_logs(stack)
+    assert set(task_states(stack, flow_run).values()) == {"COMPLETED"}
+    logs = flow_run_logs(stack, flow_run)
+    for stage in ("ingest", "filter"):
+        assert any(f"{stage}: resuming an interrupted build" in line for line in logs), stage
+        assert any(re.match(rf"{stage}: [1-9]\d* of \d+ units already done, resuming", line) for line in logs), stage
+    for stage in (ingest, filter, dedup, tokenizer, tokenize):
+        made, uninterrupted = (json.loads((out_dir(stage, load_config("tiny", {"storage.root": str(r)})) / MANIFEST)
+                                          .read_text()) for r in (root, reference))  # fmt: skip
+        assert made["files"] == uninterrupted["files"] and made["digest"] == uninterrupted["digest"], stage
+
+
 def novel_documents(count: int, seed: int) -> list[str]:
     """English documents like no sample text (sentences drawn from a small grammar), which pass the filters."""
     adj = ("quiet bright narrow ancient gentle heavy golden hollow rapid silver distant humble curious steady brave "
@@ -345,6 +392,14 @@ def test_data_refresh_adds_only_new_files_then_continues_pretraining(stack, tmp_
     assert trained["from"] == str(base_run / "step-000060") and trained["step"] == 60
     read = lambda run: [json.loads(line)["loss"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert read(trained["run"])[0] < read(base_run)[0] - 1.0  # it starts from trained weights, not from scratch
+    shown = subprocess.run([sys.executable, "-m", "stages.lineage", trained["checkpoint"], "--json"],
+                           capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    tokens = json.loads(shown.stdout)["inputs"][0]
+    assert (tokens["kind"], tokens["uri"], tokens["dataset_version"]) == ("tokenize", new["tokens"], 2)
+    part_dedup = tokens["inputs"][0]  # made from the new part's filter output, against the first part's dedup
+    made_from = sorted((n["kind"], n["uri"]) for n in part_dedup["inputs"])
+    assert made_from == [("dedup", v1["parts"][0]["dedup"]), ("filter", new["filter"])]
 
     # Nothing new since: no new version, no stage runs.
     third = run_deployment(stack, {"overrides": overrides}, deployment="pretrain/data-refresh")
@@ -434,6 +489,8 @@ def test_prefect_ui_shows_every_stage_and_artifact(stack):
 
             page.get_by_text("Task Runs", exact=True).first.click()
             page.get_by_text("(7 Completed)").wait_for(timeout=30_000)
+            for stage in STAGES:  # (the counts render before the list under them)
+                page.get_by_text(re.compile(rf"^{stage}-\w+$")).first.wait_for(timeout=30_000)
             listed = page.inner_text("body")
             for stage in STAGES:
                 assert re.search(rf"\n{stage}-\w+\nCompleted\n", listed), f"{stage} not shown Completed:\n{listed}"
