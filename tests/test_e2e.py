@@ -230,50 +230,6 @@ def test_pretrain_full_local(stack, tmp_path):
     assert "| evaluate | run | forced |" in table
 
 
-def test_flow_process_killed_mid_training_then_retried(stack):
-    """SIGKILL of the process running the flow (a lost node) while it trains: the run is Crashed, its training
-    processes stop on their own, and `prefect flow-run retry` completes it, resuming from the last checkpoint."""
-    root = COMPLETED.get("local_root")
-    assert root, "needs the outputs of test_pretrain_full_local"
-    # a training run of its own (40 steps: another run version) on the data built there (those stages skip)
-    overrides = {"storage.root": root, "train.max_steps": 40, "train.checkpoint_every": 20}
-    flow_run = start_deployment(stack, {"overrides": overrides})
-    cfg = load_config("tiny", overrides)
-    deadline = time.monotonic() + 600
-    while not list(Path(root).glob("train/*/step-000020/meta.json")):
-        assert time.monotonic() < deadline, "no step-20 checkpoint"
-        time.sleep(0.2)
-
-    def training() -> list[psutil.Process]:
-        return [p for p in psutil.process_iter(["cmdline"]) if "stages.train" in (p.info["cmdline"] or [])]
-
-    torchrun = [p for p in training() if "torch.distributed.run" in p.info["cmdline"]]
-    assert len(torchrun) == 1, torchrun
-    torchrun[0].parent().send_signal(signal.SIGKILL)  # the flow run's process, which launched torchrun
-    assert wait_for_end(stack, flow_run, seconds=120) == "CRASHED"
-    deadline = time.monotonic() + 60
-    while training():
-        assert time.monotonic() < deadline, "training outlived the flow run's process"
-        time.sleep(0.2)
-
-    env = {**os.environ, "PREFECT_API_URL": stack["api"]}
-    retried = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", flow_run], env=env, capture_output=True,
-                             text=True, timeout=60)  # fmt: skip
-    assert retried.returncode == 0, retried.stdout + retried.stderr
-    assert wait_for_end(stack, flow_run) == "COMPLETED", server_logs(stack)
-    assert set(task_states(stack, flow_run).values()) == {"COMPLETED"}
-    logs = flow_run_logs(stack, flow_run)
-    assert any("resumed from" in line and "step-000020" in line for line in logs)
-    # the retry takes back the lock its killed attempt held instead of waiting for that lease to run out
-    assert any("train: released the lock an earlier, killed attempt of this flow run held" in line for line in logs)
-    assert not any("train: waited" in line for line in logs)
-    metrics = Path(launch.run_uri(launch.resolved(cfg))) / "metrics.jsonl"
-    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
-    # (That a resumed run's losses and weights equal an uninterrupted run's, bit for bit, and that a data stage
-    # killed mid-way resumes to byte-identical output, is shown where it is cheaper: tests/test_train.py and
-    # tests/test_resume.py.)
-
-
 def flow_process(flow_run_id: str) -> psutil.Process:
     """The process running a flow run: the serving process's child with the run's id in its environment (the
     stage's worker processes inherit that environment too; they are its children)."""
@@ -289,23 +245,39 @@ def flow_process(flow_run_id: str) -> psutil.Process:
     return top[0]
 
 
-def test_flow_process_killed_in_data_stages_then_retried(stack, tmp_path):
-    """SIGKILL of the flow run's process while ingest runs, then again while filter runs: each `prefect flow-run
-    retry` resumes the interrupted stage from its finished units, and every data stage's output equals that of
-    the uninterrupted run of the same config (test_pretrain_full_local), file for file."""
+def training_processes() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "stages.train" in (p.info["cmdline"] or [])]
+
+
+def test_flow_process_killed_in_ingest_filter_and_training_then_retried(stack, tmp_path):
+    """SIGKILL of the process running the flow (a lost node) while ingest runs, again while filter runs and again
+    while it trains: each time the run is Crashed within seconds, everything it started stops with it, and `prefect
+    flow-run retry` resumes: the interrupted stage from its finished units, training from its last checkpoint. The
+    data stages' outputs equal those of the uninterrupted run of the same config (test_pretrain_full_local), file
+    for file, and the training run's steps are each logged once."""
     reference = COMPLETED.get("local_root")
     assert reference, "needs the outputs of test_pretrain_full_local"
     root = tmp_path / "outputs"
     flow_run = start_deployment(stack, {"overrides": {"storage.root": str(root)}})
     env = {**os.environ, "PREFECT_API_URL": stack["api"]}
-    for stage in ("ingest", "filter"):
+    # a data stage once one of its units is done and others are not; training once its step-30 checkpoint is saved
+    kill_points = {
+        "ingest": lambda: [m for m in root.glob("ingest/*/_progress/*.json") if m.name != "identity.json"],
+        "filter": lambda: [m for m in root.glob("filter/*/_progress/*.json") if m.name != "identity.json"],
+        "train": lambda: list(root.glob("train/*/step-000030/meta.json")),
+    }
+    for stage, reached in kill_points.items():
         deadline = time.monotonic() + 300
-        while not [m for m in root.glob(f"{stage}/*/_progress/*.json") if m.name != "identity.json"]:
-            assert time.monotonic() < deadline, f"no {stage} unit finished"
+        while not reached():
+            assert time.monotonic() < deadline, f"{stage} never got that far"
             time.sleep(0.05)
-        flow_process(flow_run).send_signal(signal.SIGKILL)  # one of its units is done, others are not
-        assert wait_for_end(stack, flow_run, seconds=120) == "CRASHED"
+        flow_process(flow_run).send_signal(signal.SIGKILL)
+        assert wait_for_end(stack, flow_run, seconds=60) == "CRASHED"
         assert task_states(stack, flow_run)[stage] != "COMPLETED"
+        deadline = time.monotonic() + 60
+        while stage == "train" and training_processes():
+            assert time.monotonic() < deadline, "training outlived the flow run's process"
+            time.sleep(0.2)
         retried = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", flow_run], env=env,
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
         assert retried.returncode == 0, retried.stdout + retried.stderr
@@ -315,10 +287,18 @@ def test_flow_process_killed_in_data_stages_then_retried(stack, tmp_path):
     for stage in ("ingest", "filter"):
         assert any(f"{stage}: resuming an interrupted build" in line for line in logs), stage
         assert any(re.match(rf"{stage}: [1-9]\d* of \d+ units already done, resuming", line) for line in logs), stage
+    assert any("resumed from" in line and "step-000030" in line for line in logs)
+    # each retry takes back the locks its killed attempt held instead of waiting for those leases to run out
+    assert any("train: released the lock an earlier, killed attempt of this flow run held" in line for line in logs)
+    assert not any(re.match(r"\w+: waited", line) for line in logs)
     for stage in (ingest, filter, dedup, tokenizer, tokenize):
         made, uninterrupted = (json.loads((out_dir(stage, load_config("tiny", {"storage.root": str(r)})) / MANIFEST)
                                           .read_text()) for r in (root, reference))  # fmt: skip
         assert made["files"] == uninterrupted["files"] and made["digest"] == uninterrupted["digest"], stage
+    metrics = Path(launch.run_uri(launch.resolved(load_config("tiny", {"storage.root": str(root)})))) / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 61))
+    # (That a resumed run's losses and weights equal an uninterrupted run's, bit for bit, is shown where it is
+    # cheaper: tests/test_train.py.)
 
 
 def novel_documents(count: int, seed: int) -> list[str]:
