@@ -3,6 +3,7 @@ locally and with shards and checkpoints on a local S3 endpoint, started by infra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -127,13 +128,24 @@ def wait_for_end(stack, flow_run_id: str, seconds: float = 900) -> str:
     return state
 
 
-def kill_training_once_checkpointed(root: Path, step: int, seconds: float = 600) -> None:
+def training_processes(stack) -> list[psutil.Process]:
+    """torchrun and its ranks started by this stack's flow runs (not by tests running beside this file)."""
+    serve = psutil.Process(int((stack["state"] / "serve.pid").read_text()))
+    found = []
+    for process in serve.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "stages.train" in process.cmdline():
+                found.append(process)
+    return found
+
+
+def kill_training_once_checkpointed(stack, root: Path, step: int, seconds: float = 600) -> None:
     """SIGKILL every training rank (a lost machine) once the run has its checkpoint at `step`."""
     deadline = time.monotonic() + seconds
     while not list(root.glob(f"train/*/step-{step:06d}/meta.json")):
         assert time.monotonic() < deadline, f"no checkpoint at step {step} under {root}"
         time.sleep(0.2)
-    ranks = [p for p in psutil.process_iter(["cmdline"]) if "stages.train" in (p.info["cmdline"] or [])]
+    ranks = training_processes(stack)  # torchrun and its ranks: the whole machine is lost
     assert ranks, "no training rank to kill"
     for rank in ranks:
         rank.send_signal(signal.SIGKILL)
@@ -166,7 +178,7 @@ def test_pretrain_full_local(stack, tmp_path):
     params = {"overrides": {"storage.root": str(root)}}
     cmd = [str(BIN / "prefect"), "deployment", "run", "pretrain/full", "--watch", "--params", json.dumps(params)]
     watching = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    kill_training_once_checkpointed(root, 30)
+    kill_training_once_checkpointed(stack, root, 30)
     out, _ = watching.communicate(timeout=300)
     flow_run = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
     assert api(stack["api"], f"/flow_runs/{flow_run}")["state"]["type"] == "FAILED", out[-3000:]
@@ -245,10 +257,6 @@ def flow_process(flow_run_id: str) -> psutil.Process:
     return top[0]
 
 
-def training_processes() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "stages.train" in (p.info["cmdline"] or [])]
-
-
 def test_flow_process_killed_in_ingest_filter_and_training_then_retried(stack, tmp_path):
     """SIGKILL of the process running the flow (a lost node) while ingest runs, again while filter runs and again
     while it trains: each time the run is Crashed within seconds, everything it started stops with it, and `prefect
@@ -275,7 +283,7 @@ def test_flow_process_killed_in_ingest_filter_and_training_then_retried(stack, t
         assert wait_for_end(stack, flow_run, seconds=60) == "CRASHED"
         assert task_states(stack, flow_run)[stage] != "COMPLETED"
         deadline = time.monotonic() + 60
-        while stage == "train" and training_processes():
+        while stage == "train" and training_processes(stack):
             assert time.monotonic() < deadline, "training outlived the flow run's process"
             time.sleep(0.2)
         retried = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", flow_run], env=env,
