@@ -393,6 +393,9 @@ class RefreshConfig(Strict):
     # After a new version: continue pretraining from the latest checkpoint (the previous refresh's, else this
     # config's run) on the new part, with the train section's settings, then evaluate.
     continue_training: bool = False
+    # Steps of that continued pretraining (an increment is usually far smaller than the base dataset; warmup is
+    # capped at half of them); None: the train section's max_steps / max_tokens.
+    continue_steps: int | None = Field(None, gt=0)
 
     @field_validator("schedule")
     @classmethod

@@ -161,6 +161,9 @@ def continued_training_config(cfg: PipelineConfig, version: dict) -> PipelineCon
     part = cfg.model_copy(deep=True)
     part.train.data = version["parts"][-1]["tokens"]
     part.train.initial_checkpoint = start_checkpoint(cfg, version)
+    if cfg.refresh.continue_steps:
+        part.train.max_tokens, part.train.max_steps = None, cfg.refresh.continue_steps
+        part.train.warmup_steps = min(part.train.warmup_steps, cfg.refresh.continue_steps // 2)  # (a valid schedule)
     return part
 
 

@@ -261,18 +261,20 @@ def test_flow_process_killed_in_ingest_filter_and_training_then_retried(stack, t
     """SIGKILL of the process running the flow (a lost node) while ingest runs, again while filter runs and again
     while it trains: each time the run is Crashed within seconds, everything it started stops with it, and `prefect
     flow-run retry` resumes: the interrupted stage from its finished units, training from its last checkpoint. The
-    data stages' outputs equal those of the uninterrupted run of the same config (test_pretrain_full_local), file
-    for file, and the training run's steps are each logged once."""
+    data stages' outputs equal those of the uninterrupted run of the same data config (test_pretrain_full_local),
+    file for file, and the training run's steps are each logged once."""
     reference = COMPLETED.get("local_root")
     assert reference, "needs the outputs of test_pretrain_full_local"
     root = tmp_path / "outputs"
-    flow_run = start_deployment(stack, {"overrides": {"storage.root": str(root)}})
+    # (a shorter training run than the reference's: the data stages do not read the train section)
+    overrides = {"storage.root": str(root), "train.max_steps": 40, "train.checkpoint_every": 20}
+    flow_run = start_deployment(stack, {"overrides": overrides})
     env = {**os.environ, "PREFECT_API_URL": stack["api"]}
-    # a data stage once one of its units is done and others are not; training once its step-30 checkpoint is saved
+    # a data stage once one of its units is done and others are not; training once its step-20 checkpoint is saved
     kill_points = {
         "ingest": lambda: [m for m in root.glob("ingest/*/_progress/*.json") if m.name != "identity.json"],
         "filter": lambda: [m for m in root.glob("filter/*/_progress/*.json") if m.name != "identity.json"],
-        "train": lambda: list(root.glob("train/*/step-000030/meta.json")),
+        "train": lambda: list(root.glob("train/*/step-000020/meta.json")),
     }
     for stage, reached in kill_points.items():
         deadline = time.monotonic() + 300
@@ -295,7 +297,7 @@ def test_flow_process_killed_in_ingest_filter_and_training_then_retried(stack, t
     for stage in ("ingest", "filter"):
         assert any(f"{stage}: resuming an interrupted build" in line for line in logs), stage
         assert any(re.match(rf"{stage}: [1-9]\d* of \d+ units already done, resuming", line) for line in logs), stage
-    assert any("resumed from" in line and "step-000030" in line for line in logs)
+    assert any("resumed from" in line and "step-000020" in line for line in logs)
     # each retry takes back the locks its killed attempt held instead of waiting for those leases to run out
     assert any("train: released the lock an earlier, killed attempt of this flow run held" in line for line in logs)
     assert not any(re.match(r"\w+: waited", line) for line in logs)
@@ -303,8 +305,8 @@ def test_flow_process_killed_in_ingest_filter_and_training_then_retried(stack, t
         made, uninterrupted = (json.loads((out_dir(stage, load_config("tiny", {"storage.root": str(r)})) / MANIFEST)
                                           .read_text()) for r in (root, reference))  # fmt: skip
         assert made["files"] == uninterrupted["files"] and made["digest"] == uninterrupted["digest"], stage
-    metrics = Path(launch.run_uri(launch.resolved(load_config("tiny", {"storage.root": str(root)})))) / "metrics.jsonl"
-    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 61))
+    metrics = Path(launch.run_uri(launch.resolved(load_config("tiny", overrides)))) / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
     # (That a resumed run's losses and weights equal an uninterrupted run's, bit for bit, is shown where it is
     # cheaper: tests/test_train.py.)
 
@@ -357,6 +359,7 @@ def test_data_refresh_adds_only_new_files_then_continues_pretraining(stack, tmp_
         "storage.root": root,
         "ingest.inputs": [*cfg.ingest.inputs, str(drops / "*.jsonl")],
         "refresh.continue_training": True,
+        "refresh.continue_steps": 20,
     }
     second = run_deployment(stack, {"overrides": overrides}, deployment="pretrain/data-refresh")
     states = task_states(stack, second)
@@ -377,7 +380,7 @@ def test_data_refresh_adds_only_new_files_then_continues_pretraining(stack, tmp_
     # Continued pretraining on the new part, from pretrain/full's last checkpoint.
     trained = json.loads((Path(root) / "dataset" / "v00002.trained.json").read_text())
     base_run = Path(launch.run_uri(launch.resolved(cfg)))
-    assert trained["from"] == str(base_run / "step-000060") and trained["step"] == 60
+    assert trained["from"] == str(base_run / "step-000060") and trained["step"] == 20
     read = lambda run: [json.loads(line)["loss"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert read(trained["run"])[0] < read(base_run)[0] - 1.0  # it starts from trained weights, not from scratch
     shown = subprocess.run([sys.executable, "-m", "stages.lineage", trained["checkpoint"], "--json"],
