@@ -66,6 +66,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end file first (a stable sort: the order within files is kept). It is the longest, and with two
+    test processes (`make test`) it should start at once rather than be left running alone at the end."""
+    items.sort(key=lambda item: item.path.name != "test_e2e.py")
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> dict[str, Path]:
     """The first records of each sample file, in the same three formats."""

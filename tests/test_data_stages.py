@@ -446,12 +446,13 @@ def test_reusing_word_tokenizer_gives_datatrove_tokens(small_corpus):
 
 def upper_unless_hang(text: str) -> str:
     if text == "hang":
-        time.sleep(30)
+        time.sleep(120)
     return text.upper()
 
 
 def extract_with_a_timeout_between(_) -> list[str]:
-    with ingest.RestartableSandbox(2.0) as sandbox:
+    # (the timeout also bounds the child's start: 2 s was too short with another test process on the cores)
+    with ingest.RestartableSandbox(10.0) as sandbox:
         out = [sandbox.process_document("a", upper_unless_hang)]
         try:
             sandbox.process_document("hang", upper_unless_hang)
