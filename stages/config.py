@@ -400,8 +400,8 @@ class RefreshConfig(Strict):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
-        # Prefect's own parser (its vendored croniter), so what passes here is what the deployment accepts.
-        from prefect._vendor.croniter import croniter
+        # croniter: the parser Prefect's cron schedules vendor, so what passes here is what the deployment accepts
+        from croniter import croniter
 
         if value is not None and not croniter.is_valid(value):
             raise ValueError(f"not a cron expression: {value!r} (e.g. '0 3 * * *': daily at 03:00 UTC)")

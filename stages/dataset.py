@@ -82,14 +82,13 @@ def increment_config(cfg: PipelineConfig, version: dict, new_files: list[str]) -
 
 def part_of(cfg: PipelineConfig) -> dict:
     """A finished part as a version lists it: its stage outputs, the raw files it consumed and what it holds."""
-    ingested = ingest.output(cfg).manifest()
-    deduped, tokens = dedup.output(cfg), tokenize.output(cfg)
+    ingested, deduped, tokens = ingest.output(cfg), dedup.output(cfg), tokenize.output(cfg)
     tokenized = tokens.manifest()
-    if ingested is None or tokenized is None:
+    if tokenized is None:
         raise RuntimeError("a dataset part is recorded once its tokenize stage has finished")
     return {
-        "raw_files": ingested["identity"]["inputs"],
-        "ingest": ingest.output(cfg).uri,
+        "raw_files": ingested.manifest()["identity"]["inputs"],
+        "ingest": ingested.uri,
         "filter": filter.output(cfg).uri,
         "dedup": deduped.uri,
         "tokens": tokens.uri,
