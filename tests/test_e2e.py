@@ -300,7 +300,9 @@ def test_flow_process_killed_in_ingest_filter_and_training_then_retried(stack, t
     assert any("resumed from" in line and "step-000020" in line for line in logs)
     # each retry takes back the locks its killed attempt held instead of waiting for those leases to run out
     assert any("train: released the lock an earlier, killed attempt of this flow run held" in line for line in logs)
-    assert not any(re.match(r"\w+: waited", line) for line in logs)
+    # (a lease held by a killed attempt would cost 45-60 s; a busy server can make taking a free slot cost a few)
+    waits = [int(m.group(1)) for line in logs if (m := re.match(r"\w+: waited (\d+) s", line))]
+    assert not [w for w in waits if w >= 30], waits
     for stage in (ingest, filter, dedup, tokenizer, tokenize):
         made, uninterrupted = (json.loads((out_dir(stage, load_config("tiny", {"storage.root": str(r)})) / MANIFEST)
                                           .read_text()) for r in (root, reference))  # fmt: skip
