@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from lm_eval import utils as lm_utils  # noqa: E402
 from lm_eval.api.model import LM  # noqa: E402
 
+from stages import failpoints  # noqa: E402
 from stages.checkpoints import complete_checkpoints, dcp_reader, latest_checkpoint, run_of  # noqa: E402
 from stages.config import ModelConfig, PipelineConfig, StorageConfig  # noqa: E402
 from stages.launch import run_uri  # noqa: E402
@@ -681,6 +682,7 @@ def run(
         "tokens_per_s": round(lm.tokens_forwarded / lm.model_seconds, 1) if lm.model_seconds > 0 else None,
     }
     stats["previous"] = record_history(run_of(ckpt), step, metrics, storage)
+    failpoints.hold("evaluate.commit")
     out.commit(identity, counts={"docs": n_docs, "tokens": lm.tokens_forwarded}, stats=stats, files=["results.json"])
     for task, values in metrics.items():
         log(

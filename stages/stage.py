@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
-from stages import storage
+from stages import failpoints, storage
 from stages.config import PipelineConfig, StorageConfig
 from stages.parallel import map_in_processes
 from stages.storage import StageOutput
@@ -109,12 +109,14 @@ def run_units(
     pending = {name: item for name, item in units.items() if progress.result(name) is None}
     if len(pending) < len(units):
         log(f"{progress.output.stage}: {len(units) - len(pending)} of {len(units)} units already done, resuming")
-    map_in_processes(partial(_run_unit, work=work), list(pending.items()), workers, dask_address)
+    run = partial(_run_unit, work=work, stage=progress.output.stage)
+    map_in_processes(run, list(pending.items()), workers, dask_address)
     return {name: progress.result(name) for name in units}, len(units) - len(pending)
 
 
-def _run_unit(job: tuple, work: Callable) -> None:
+def _run_unit(job: tuple, work: Callable, stage: str) -> None:
     work(*job)
+    failpoints.hold(f"{stage}.unit-done")
 
 
 Force = bool | str  # True, or a token naming the request (a flow run's id): see forced_now
@@ -185,6 +187,7 @@ def run_stage(
     }
     if "docs_in" in result.counts:
         stats["docs_per_s"] = round(result.counts["docs_in"] / max(seconds, 1e-9), 1)
+    failpoints.hold(f"{output.stage}.commit")
     manifest = output.commit(identity, result.counts, stats, result.files)
     log(f"{output.stage}: committed {len(result.files)} files, manifest {manifest['digest']} ({seconds:.1f}s)")
     return stats

@@ -205,6 +205,9 @@ def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
             files.append(TOKENIZER_FILE)
             for split in SPLITS:
                 split_uri = out.path(split)
+                # No work units here: a build resumed after a kill starts the split over. litdata refuses to write
+                # into a folder that already holds a dataset, complete or not.
+                storage.remove(split_uri, cfg.storage)
                 sources = shard_uris if split == "train" else [out.path(VAL_DOCS)]
                 optimize(
                     fn=partial(

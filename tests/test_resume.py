@@ -185,3 +185,25 @@ def test_s3_outage_mid_stage_fails_clearly_and_a_rerun_completes(reference, smal
     expected = json.loads((out_dir(ingest, config(small_corpus, ref_root)) / MANIFEST).read_text())
     assert written["files"] == expected["files"] and written["counts"] == expected["counts"]
     proxy.cut()
+
+
+def test_failpoint_holds_only_while_triggered(tmp_path, monkeypatch):
+    """A failpoint is a no-op without its trigger file; with it, the process says it got there and waits until the
+    trigger is gone (what the e2e kill test uses to kill a flow run inside a stage that is over in milliseconds)."""
+    from stages import failpoints
+
+    monkeypatch.setenv(failpoints.ENV, str(tmp_path))
+    failpoints.hold("tokenizer.commit")  # no trigger: returns at once
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "tokenizer.commit").touch()
+    held = threading.Thread(target=failpoints.hold, args=("tokenizer.commit",))
+    held.start()
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "tokenizer.commit.reached").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert held.is_alive()  # still waiting
+    (tmp_path / "tokenizer.commit").unlink()
+    held.join(timeout=5)
+    assert not held.is_alive()
