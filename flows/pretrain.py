@@ -28,7 +28,20 @@ from prefect.runtime import flow_run as flow_run_context
 
 from flows.credentials import resolve_credentials
 from flows.locks import output_lock
-from stages import dedup, evaluate, filter, ingest, launch, plan, tokenize, tokenizer, train_report
+from stages import (
+    budget,
+    dedup,
+    evaluate,
+    filter,
+    ingest,
+    launch,
+    plan,
+    samples,
+    storage,
+    tokenize,
+    tokenizer,
+    train_report,
+)
 from stages.config import PipelineConfig, load_config
 from stages.preflight import preflight
 from stages.stage import Force
@@ -141,6 +154,10 @@ def train_task(cfg: PipelineConfig, force: Force = False) -> dict:
         create_table_artifact(
             key="train-metrics", table=train_report.metrics_table(report["records"]), description="per-step metrics"
         )
+    if stats.get("checkpoint"):  # the final checkpoint continues a few fixed prompts: a look by a human
+        shown = samples.run(cfg, stats["checkpoint"], log)
+        create_markdown_artifact(key="train-samples", markdown=shown["markdown"], description="continuations")
+        stats["samples"] = storage.join(stats["checkpoint"], samples.SAMPLES)
     return _report("train", stats)
 
 
@@ -186,6 +203,11 @@ def pretrain(
     table = plan.markdown(steps)
     logger.info("plan:\n%s", table)
     create_markdown_artifact(key="plan", markdown="# Plan\n\n" + table, description="what this run does and why")
+    create_markdown_artifact(
+        key="compute-plan",
+        markdown="# Compute plan\n\n" + budget.markdown(budget.estimate(cfg)),
+        description="parameters, FLOPs, tokens, steps; time, cost, memory and disk (estimates)",
+    )
     if dry_run:
         return {"plan": steps}
     stats: dict[str, dict] = {}

@@ -315,6 +315,9 @@ class TrainConfig(Strict):
     reshard_after_forward: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward: memory for compute
     compile: bool = False  # torch.compile each block (the first steps pay for compilation)
+    # Attention stays inside each document of a packed block, positions restart per document (stages/model.py);
+    # False: plain causal attention over the whole block, as GPT-2 and nanoGPT train.
+    document_masking: bool = False
     checkpoint_every: int = Field(50, gt=0)
     keep_last: int | None = Field(3, ge=1)  # complete checkpoints kept (older ones deleted); None: all
     async_checkpoint: bool = False  # save in a background thread (DCP async_save) while training goes on
@@ -376,6 +379,42 @@ class EvaluateConfig(Strict):
     decontaminate_with: list[str] = []
 
 
+class SamplesConfig(Strict):
+    # After training, continuations of these prompts by the final checkpoint (stages/samples.py): a quick look by
+    # a human, beside the numbers. Each prompt gets a greedy continuation and `sampled` sampled ones.
+    prompts: list[str] = Field(
+        ["The history of the city", "Scientists have found that", "In the morning, the village"], min_length=1
+    )
+    max_new_tokens: int = Field(32, gt=0)
+    sampled: int = Field(2, ge=0)
+    temperature: float = Field(0.8, gt=0)
+    top_k: int | None = Field(50, gt=0)  # sample among the k likeliest tokens; None: the whole vocabulary
+    seed: int = 0
+
+
+class HardwareConfig(Strict):
+    name: str
+    peak_tflops: float = Field(gt=0)  # dense bf16 tensor-core peak per GPU (data sheet)
+    memory_gib: float = Field(gt=0)
+    usd_per_gpu_hour: float = Field(ge=0)  # an assumption: prices vary by provider and commitment
+
+
+class BudgetConfig(Strict):
+    # The compute and cost plan each pretrain run starts with (stages/budget.py): estimates on each of `hardware`
+    # at the assumed `mfu`. The first entry is the hardware the run is planned for: a config whose model and
+    # optimizer state (FSDP-sharded over `gpus`) plus activations do not fit its memory is rejected before any work.
+    hardware: list[HardwareConfig] = Field(
+        [
+            HardwareConfig(name="H100 SXM 80GB", peak_tflops=989, memory_gib=80, usd_per_gpu_hour=2.50),
+            HardwareConfig(name="A100 SXM 80GB", peak_tflops=312, memory_gib=80, usd_per_gpu_hour=1.50),
+        ],
+        min_length=1,
+    )
+    mfu: float = Field(0.40, gt=0, le=1)  # model FLOPs utilization assumed (35-45% is typical: BENCHMARKS.md)
+    gpus: int | None = Field(None, gt=0)  # None: train.nnodes x train.nproc_per_node
+    usable_memory: float = Field(0.9, gt=0, le=1)  # of each GPU's memory (the allocator, CUDA context, fragments)
+
+
 class ClusterConfig(Strict):
     # Where the data stages' units run. Unset: local worker processes (each stage's `workers`). Set to an
     # existing Dask scheduler (tcp://host:8786): every unit of ingest, filter and dedup runs on that cluster, and
@@ -420,6 +459,8 @@ class PipelineConfig(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    samples: SamplesConfig = SamplesConfig()
+    budget: BudgetConfig = BudgetConfig()
     refresh: RefreshConfig = RefreshConfig()
 
     def section_digest(self, *sections: str) -> str:

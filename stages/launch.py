@@ -34,7 +34,7 @@ from typing import Any
 
 from stages import scaling, storage
 from stages.checkpoints import META, step_uri
-from stages.config import REPO_ROOT, PipelineConfig
+from stages.config import REPO_ROOT, PipelineConfig, StorageConfig
 from stages.stage import Force, forced_now, mark_forced
 
 # The ranks stop when the launching process is gone (torchrun runs in a session of its own, so a SIGKILL of the
@@ -77,12 +77,16 @@ def tokenizer_uri(cfg: PipelineConfig) -> str:
 
 
 def tokenizer_vocab_size(cfg: PipelineConfig) -> int:
-    from tokenizers import Tokenizer
-
     uri = tokenizer_uri(cfg)
     if not storage.exists(uri, cfg.storage):
         raise FileNotFoundError(f"{uri}: no tokenizer beside the training data (run the tokenize stage)")
-    with storage.open_uri(uri, "rb", cfg.storage) as f:
+    return tokenizer_vocab_size_at(uri, cfg.storage)
+
+
+def tokenizer_vocab_size_at(uri: str, storage_cfg: StorageConfig | None) -> int:
+    from tokenizers import Tokenizer
+
+    with storage.open_uri(uri, "rb", storage_cfg) as f:
         return Tokenizer.from_str(f.read().decode("utf-8")).get_vocab_size()
 
 

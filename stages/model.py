@@ -6,11 +6,20 @@ export to Hugging Face's LlamaForCausalLM a renaming, not a rewrite.
 
 Rotary tables are buffers computed on first use for the device in hand rather than saved, so checkpoints hold
 only learned weights and the device is never assumed.
+
+Document masking (`train.document_masking`): the tokenize stage packs documents into one stream, each ending with
+EOS, and the loader cuts it into fixed-length blocks, so a block holds the tail of one document, whole ones and the
+head of another. Given `doc_ids` (`document_ids`: a token's document within its row, EOS counted with the document it
+ends), a token attends only to earlier tokens of its own document and its rotary position counts from its
+document's first token, so each document is computed as if it stood alone. The mask is dense and boolean for SDPA
+on CPU (a (seq x seq) block-diagonal causal mask per row: cheap at CPU sequence lengths) and a flex_attention
+BlockMask on CUDA, whose kernel skips the tiles the mask empties instead of computing and discarding them.
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +41,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return rotated.type_as(x)
+
+
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(batch, seq): the index within its row of each token's document; an EOS belongs to the document it ends."""
+    is_eos = (tokens == eos_id).long()
+    return torch.cumsum(is_eos, dim=1) - is_eos
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq): each token's position counted from the first token of its document."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.zeros_like(doc_ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+
+
+@cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Compiled once per process, as torchtitan does: eager flex_attention is a slow reference implementation.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _eager_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+def document_mask(doc_ids: torch.Tensor, flex: bool):
+    """Causal within each document: a BlockMask for flex_attention, else a dense (batch, 1, seq, seq) bool mask."""
+    bsz, seq = doc_ids.shape
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, kv):
+            return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+        return create_block_mask(same_document_causal, B=bsz, H=None, Q_LEN=seq, KV_LEN=seq, device=doc_ids.device)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
 class KVCache:
@@ -72,7 +124,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask=None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
@@ -80,8 +138,13 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if cache is None:
+        if cache is None and mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif cache is None and isinstance(mask, torch.Tensor):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif cache is None:  # a flex_attention BlockMask
+            flex = _compiled_flex_attention() if q.is_cuda else _eager_flex_attention()
+            out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             start, end = cache.length, cache.length + seq
             cache.k[layer, :, :, start:end] = k
@@ -112,9 +175,15 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask=None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -134,6 +203,8 @@ class Transformer(nn.Module):
         # Done here rather than by wrapping the blocks so parameter names, and with them checkpoints, are the same
         # either way.
         self.checkpoint_activations = False
+        # Document masks as flex_attention BlockMasks on CPU too (on CUDA always): for tests, which compare the two.
+        self.flex_attention_on_cpu = False
 
     def init_weights(self, seed: int) -> None:
         """Deterministic init (GPT-2 style: N(0, 0.02), residual projections scaled by depth)."""
@@ -157,11 +228,21 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` (batch, seq). With a `cache` (generation), the tokens extend it: `positions`
-        (batch, seq) are each row's own positions and `valid` (batch, seq) is False at left padding."""
+        (batch, seq) are each row's own positions and `valid` (batch, seq) is False at left padding. With `doc_ids`
+        (batch, seq; see `document_ids`) each document in a row is computed apart from the others."""
         x = self.tok_embeddings(tokens)
-        if cache is None:
+        mask = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids is for training on packed blocks, not for generation with a cache")
+            table_cos, table_sin = self._rope(tokens.shape[1], tokens.device)
+            positions = document_positions(doc_ids)
+            cos, sin = table_cos[positions][:, None], table_sin[positions][:, None]
+            mask = document_mask(doc_ids, flex=tokens.is_cuda or self.flex_attention_on_cpu)
+        elif cache is None:
             cos, sin = self._rope(tokens.shape[1], tokens.device)
         else:
             table_cos, table_sin = self._rope(cache.k.shape[3], tokens.device)
@@ -169,9 +250,9 @@ class Transformer(nn.Module):
             cache.valid[:, cache.length : cache.length + tokens.shape[1]] = valid
         for i, layer in enumerate(self.layers):
             if self.checkpoint_activations and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, i)
+                x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.length += tokens.shape[1]
         return self.output(self.norm(x)).float()

@@ -1,8 +1,9 @@
 """Checks that run before any work: every input named in the config exists and every endpoint answers.
 
 A bad config should cost seconds, not a half-finished pipeline: missing inputs, a missing language-ID model,
-an unreachable or misconfigured S3 endpoint and an unavailable device are reported here, each naming the
-config field to fix.
+an unreachable or misconfigured S3 endpoint, an unavailable device and a config the compute plan rejects (state
+that does not fit the planned GPUs' memory, a batch larger than the token budget: stages/budget.py) are reported
+here, each naming the config field to fix.
 """
 
 from __future__ import annotations
@@ -46,3 +47,6 @@ def preflight(cfg: PipelineConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("train.device: cuda requested but no CUDA device is available")
     _check_storage_root(cfg)
+    from stages import budget
+
+    budget.check(cfg)  # a model, batch or budget that cannot run, with the numbers

@@ -57,6 +57,11 @@ def _layer_matmul_params(cfg: ModelConfig) -> int:
     return attention + 3 * cfg.dim * ffn_hidden_dim(cfg)
 
 
+def layer_params(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block: its weights and its two norms."""
+    return _layer_matmul_params(cfg) + 2 * cfg.dim
+
+
 def count_params(cfg: ModelConfig, vocab_size: int) -> int:
     """Parameters of `stages.model.Transformer(cfg, vocab_size)`, a tied output projection counted once."""
     norms = cfg.n_layers * 2 * cfg.dim + cfg.dim

@@ -75,7 +75,7 @@ from stages.launch import (
     tokenizer_uri,
     tokenizer_vocab_size,
 )
-from stages.model import Transformer
+from stages.model import Transformer, document_ids
 from stages.parallel import process_alive
 
 
@@ -287,13 +287,17 @@ def load_val_batches(cfg: PipelineConfig, device: torch.device) -> list[torch.Te
 # loss
 
 
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+def lm_loss(
+    model: torch.nn.Module, batch: torch.Tensor, device: torch.device, eos_id: int | None = None
+) -> torch.Tensor:
+    """Mean next-token loss of a batch of blocks; with `eos_id`, each document in a block is computed apart."""
     batch = batch.to(device, dtype=torch.long, non_blocking=True)
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    doc_ids = document_ids(inputs, eos_id) if eos_id is not None else None
     # bf16 on CUDA: FSDP's mixed-precision policy casts sharded models; a single unsharded process autocasts.
     autocast = device.type == "cuda" and not isinstance(model, FSDPModule)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(inputs)
+        logits = model(inputs, doc_ids=doc_ids)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -304,13 +308,15 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> float | None:
+def evaluate(
+    model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, eos_id: int | None = None
+) -> float | None:
     if not batches:
         return None
     model.eval()
     total = 0.0
     for batch in batches:
-        total += lm_loss(model, batch, device).item()
+        total += lm_loss(model, batch, device, eos_id).item()
     model.train()
     return mean_over_ranks(total / len(batches), device)
 
@@ -559,7 +565,15 @@ def train(cfg: PipelineConfig) -> dict:
     identity = run_identity(cfg)
     run = run_uri(cfg, identity)
     with storage.open_uri(tokenizer_uri(cfg), "rb", cfg.storage) as f:
-        tokenizer_sha256 = hashlib.sha256(f.read()).hexdigest()
+        tokenizer_json = f.read()
+    tokenizer_sha256 = hashlib.sha256(tokenizer_json).hexdigest()
+    eos_id = None
+    if t.document_masking:  # documents in a block end with EOS (stages/tokenize.py)
+        from tokenizers import Tokenizer
+
+        eos_id = Tokenizer.from_str(tokenizer_json.decode()).token_to_id(cfg.tokenizer.eos_token)
+        if eos_id is None:
+            raise ValueError(f"train.document_masking: {tokenizer_uri(cfg)} has no {cfg.tokenizer.eos_token!r} token")
     max_steps, budget_source = scaling.planned_steps(cfg.model, t, vocab_size)
     flops_per_token = scaling.flops_per_token(cfg.model, vocab_size, t.seq_len)
     peak = device_peak_flops(device)
@@ -634,7 +648,7 @@ def train(cfg: PipelineConfig) -> dict:
             for micro in range(accum):
                 batch = batches.next()
                 with gradient_sync(model, micro == accum - 1):
-                    loss = lm_loss(model, batch, device) / accum
+                    loss = lm_loss(model, batch, device, eos_id) / accum
                     loss.backward()
                 loss_sum += loss.detach()
             grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)).item()
@@ -652,7 +666,7 @@ def train(cfg: PipelineConfig) -> dict:
 
             val_now = None
             if step % t.val_every == 0 or step == max_steps:
-                val_loss = val_now = evaluate(model, val_batches, device)
+                val_loss = val_now = evaluate(model, val_batches, device, eos_id)
             if rank == 0:
                 flops_per_s = flops_per_token * tokens_per_step / dt
                 record = {
@@ -709,7 +723,7 @@ def train(cfg: PipelineConfig) -> dict:
             metrics.close()
 
     if start_step >= max_steps:  # nothing left to do: report what the checkpoint holds
-        val_loss = evaluate(model, val_batches, device)
+        val_loss = evaluate(model, val_batches, device, eos_id)
     summary = run_summary(checkpointer.last_complete)
     if rank == 0:
         emit(SUMMARY_PREFIX, summary)

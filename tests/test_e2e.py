@@ -164,7 +164,10 @@ def assert_run_completed(stack, flow_run_id: str) -> None:
     assert {name: states.get(name) for name in STAGES} == {name: "COMPLETED" for name in STAGES}
     found = artifacts(stack, flow_run_id)
     training = {"train-progress", "train-loss-curve", "train-metrics"}
-    assert {f"{s}-stats" for s in STAGES} | {"data-funnel", "plan"} | training <= set(found)
+    training |= {"train-samples"}
+    assert {f"{s}-stats" for s in STAGES} | {"data-funnel", "plan", "compute-plan"} | training <= set(found)
+    assert "| steps | 60 of 2,048 tokens |" in found["compute-plan"]["data"]
+    assert "- greedy: " in found["train-samples"]["data"]
     assert found["train-progress"]["type"] == "progress" and found["train-progress"]["data"] == 100.0
     assert found["train-loss-curve"]["type"] == "image"
     assert found["train-loss-curve"]["data"].startswith("data:image/png;base64,iVBORw0KGgo")  # the PNG signature

@@ -449,3 +449,43 @@ def test_run_on_s3(setup, s3_endpoint):
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=eval_key)["Contents"]}
     assert {f"{eval_key}{n}" for n in ("results.json", "stats.json", "manifest.json")} <= keys
     assert evaluate.run(s3_cfg, log=lambda _: None)["skipped"] is True
+
+
+def test_samples_greedy_and_seeded_then_kept(setup):
+    """stages/samples.py on the step-5 checkpoint: the greedy continuation is the argmax decode recomputed in full,
+    sampling is reproducible from the seed (and with top_k 1 is greedy), samples.json is written next to the
+    checkpoint and read back on a rerun with the same settings."""
+    from stages import samples
+
+    cfg, _, _ = setup
+    cfg = cfg.model_copy(deep=True)
+    cfg.samples.prompts = ["The quick brown fox", "Return a | list *of* items"]
+    cfg.samples.max_new_tokens = 8
+    ckpt = str(run_dir(cfg) / "step-000005")
+    logs: list[str] = []
+    first = samples.run(cfg, ckpt, logs.append)
+    assert not first["skipped"] and (Path(ckpt) / samples.SAMPLES).is_file()
+    meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    model, tokenizer = evaluate.load_model(ckpt, meta), evaluate.load_tokenizer(meta["tokenizer_uri"])
+    eos = tokenizer.token_to_id(EOS)
+    for row in first["samples"]:
+        tokens, generated = tokenizer.encode(row["prompt"]).ids, []
+        for _ in range(8):
+            with torch.no_grad():
+                nxt = int(model(torch.tensor([tokens]))[0, -1].argmax())
+            if nxt == eos:
+                break
+            tokens.append(nxt)
+            generated.append(nxt)
+        assert row["greedy"] == tokenizer.decode(generated)
+        assert len(row["sampled"]) == 2
+    assert first["samples"] == samples.generate(cfg, ckpt)["samples"]  # the same seed, the same text
+    ids = tokenizer.encode("Return a").ids
+    top1 = samples.continue_prompt(model, ids, 8, eos, 0.8, 1, torch.Generator().manual_seed(3))
+    assert top1 == samples.continue_prompt(model, ids, 8, eos)
+    assert "Return a \\| list \\*of\\* items" in first["markdown"] and "- greedy: " in first["markdown"]
+
+    again = samples.run(cfg, ckpt, logs.append)
+    assert again["skipped"] and again["samples"] == first["samples"]
+    cfg.samples.seed = 1  # other settings: sampled anew
+    assert not samples.run(cfg, ckpt, logs.append)["skipped"]
