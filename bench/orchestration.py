@@ -6,7 +6,7 @@ On a stack of its own (infra/stack.py: a Prefect server with SQLite and the serv
 temporary state folder), against a fresh output root:
 1. overhead: `prefect deployment run pretrain/full` on the sample; the flow run's wall time (the server's start
    and end times) minus the sum of the stages' own seconds (each stage's stats: the work, torchrun's start-up
-   included, and the loss-curve drawing of the train task). What is left is the orchestration: task runs,
+   included, and the train task's loss curve and prompt samples). What is left is the orchestration: task runs,
    artifacts, logs sent to the server, the config and plan. Target: at most 5% of the flow's wall time.
 2. retry latency: a second run into another root loses its training processes (SIGKILL) after the step-30
    checkpoint and fails; `prefect flow-run retry` is timed from the command to the moment the `train` task runs
@@ -71,11 +71,9 @@ def stage_seconds(base: str, flow_run: str) -> dict[str, float]:
     found = api(base, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run]}}})
     found.sort(key=lambda a: a["created"])
     tables = {a["key"]: json.loads(a["data"]) for a in found if a["key"] and a["key"].endswith("-stats")}
-    # a stage's own seconds, plus the time its task spent drawing its report (train: the loss curve)
-    return {
-        stage: sum(float(r["value"]) for r in tables[f"{stage}-stats"] if r["metric"] in ("seconds", "report_seconds"))
-        for stage in STAGES
-    }
+    # a stage's own seconds, plus what its task computes after it (train: the loss curve, the prompt samples)
+    work = ("seconds", "report_seconds", "samples_seconds")
+    return {stage: sum(float(r["value"]) for r in tables[f"{stage}-stats"] if r["metric"] in work) for stage in STAGES}
 
 
 def overhead(base: str, env: dict, root: Path) -> dict:

@@ -155,7 +155,9 @@ def train_task(cfg: PipelineConfig, force: Force = False) -> dict:
             key="train-metrics", table=train_report.metrics_table(report["records"]), description="per-step metrics"
         )
     if stats.get("checkpoint"):  # the final checkpoint continues a few fixed prompts: a look by a human
+        started = time.perf_counter()
         shown = samples.run(cfg, stats["checkpoint"], log)
+        stats["samples_seconds"] = round(time.perf_counter() - started, 3)
         create_markdown_artifact(key="train-samples", markdown=shown["markdown"], description="continuations")
         stats["samples"] = storage.join(stats["checkpoint"], samples.SAMPLES)
     return _report("train", stats)
