@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from torch import nn
 
 from stages.config import ModelConfig
 from stages.scaling import ffn_hidden_dim
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +76,7 @@ def _eager_flex_attention():
     return flex_attention
 
 
-def document_mask(doc_ids: torch.Tensor, flex: bool):
+def document_mask(doc_ids: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
     """Causal within each document: a BlockMask for flex_attention, else a dense (batch, 1, seq, seq) bool mask."""
     bsz, seq = doc_ids.shape
     if flex:
@@ -130,7 +134,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
-        mask=None,
+        mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
@@ -181,7 +185,7 @@ class Block(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
-        mask=None,
+        mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
         return x + self.feed_forward(self.ffn_norm(x))
