@@ -71,6 +71,9 @@ def output_lock(stage: str, output_uri: str, log: Callable[[str], None]) -> Iter
         with maintain_concurrency_lease(lease.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=False):
             yield
     finally:
-        release_concurrency_slots_with_lease(lease.lease_id)
-        if (Variable.get(name, default=None) or {}).get("lease_id") == str(lease.lease_id):  # (not a later holder's)
+        # The record goes first, while the slot is still ours: the next holder, which may get the slot the moment
+        # it is released, writes its own record then, and this unset must not delete that one (a concurrent run
+        # failed on exactly that: its update found the record gone). (Not a later holder's record: checked.)
+        if (Variable.get(name, default=None) or {}).get("lease_id") == str(lease.lease_id):
             Variable.unset(name)
+        release_concurrency_slots_with_lease(lease.lease_id)
