@@ -139,18 +139,14 @@ def problems(cfg: PipelineConfig, est: dict) -> list[str]:
             f"does not fit {target.name}'s {usable / GIB:.1f} usable GiB (budget.hardware[0]); use more GPUs "
             "(train.nproc_per_node, train.nnodes), a smaller micro_batch_size or activation_checkpointing"
         )
-    t = cfg.train
-    if t.max_steps is None and est["tokens_per_step"] > _budget_tokens(cfg, est):
-        found.append(
-            f"train.global_batch_size: one step is {est['tokens_per_step']:,} tokens, more than the whole token "
-            f"budget of {_budget_tokens(cfg, est):,} ({est['budget_source']}); lower the batch or raise the budget"
-        )
+    if cfg.train.max_steps is None:
+        budget = int(scaling.token_budget(cfg.model, cfg.train, est["vocab"]))
+        if est["tokens_per_step"] > budget:
+            found.append(
+                f"train.global_batch_size: one step is {est['tokens_per_step']:,} tokens, more than the whole token "
+                f"budget of {budget:,} ({est['budget_source']}); lower the batch or raise the budget"
+            )
     return found
-
-
-def _budget_tokens(cfg: PipelineConfig, est: dict) -> int:
-    t = cfg.train
-    return t.max_tokens if t.max_tokens is not None else int(t.chinchilla_multiplier * est["params"])
 
 
 def check(cfg: PipelineConfig) -> dict:

@@ -84,13 +84,17 @@ def planned_steps(model: ModelConfig, train: TrainConfig, vocab_size: int) -> tu
     """Optimizer steps of the run and where the number comes from."""
     if train.max_steps is not None:
         return train.max_steps, "train.max_steps"
-    per_step = tokens_per_step(train)
+    steps = max(1, math.ceil(token_budget(model, train, vocab_size) / tokens_per_step(train)))
     if train.max_tokens is not None:
-        return max(1, math.ceil(train.max_tokens / per_step)), f"train.max_tokens {train.max_tokens:,}"
-    budget = train.chinchilla_multiplier * count_params(model, vocab_size)
-    return max(1, math.ceil(budget / per_step)), (
-        f"Chinchilla: {train.chinchilla_multiplier:g} x {count_params(model, vocab_size):,} parameters"
-    )
+        return steps, f"train.max_tokens {train.max_tokens:,}"
+    return steps, f"Chinchilla: {train.chinchilla_multiplier:g} x {count_params(model, vocab_size):,} parameters"
+
+
+def token_budget(model: ModelConfig, train: TrainConfig, vocab_size: int) -> float:
+    """Tokens the run is to see when its length is not given in steps: max_tokens, else Chinchilla's k x N."""
+    if train.max_tokens is not None:
+        return train.max_tokens
+    return train.chinchilla_multiplier * count_params(model, vocab_size)
 
 
 def peak_flops(device_name: str | None) -> float | None:
