@@ -3,17 +3,19 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STACK := $(PY) infra/stack.py
 
-.PHONY: install demo stack stack-s3 down status test redis chromium
+.PHONY: install demo stack stack-s3 down status test redis chromium boost
 
 # torch is pinned in the same pip command as everything that depends on it, so pip takes the CPU wheel
 # on disk instead of resolving a multi-GB CUDA build. litdata depends on torchvision but never imports it;
 # PyPI's wheel does not load beside the CPU torch 2.13 build ("operator torchvision::nms does not exist") and
 # transformers' Llama import then fails, so it is removed again.
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml infra/build_kenlm.py
 	python3 -m venv .venv
 	$(PIP) install -q torch==2.13.0 -e '.[dev]'
 	$(PIP) uninstall -y -q torchvision
 	$(PY) infra/fetch_models.py
+	$(MAKE) -s boost
+	$(PY) infra/build_kenlm.py
 	touch $@
 
 install: .venv/.installed
@@ -29,6 +31,11 @@ status:
 
 demo: stack
 	$(PY) infra/demo.py
+
+# KenLM (the perplexity filter's n-gram models, built by infra/build_kenlm.py) needs Boost's headers and libraries.
+BOOST := libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev
+boost:
+	@dpkg -s $(BOOST) >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $(BOOST) >/dev/null)
 
 # The Redis-backed dedup index is tested against a real redis-server (Debian's package).
 redis:

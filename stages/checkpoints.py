@@ -69,3 +69,17 @@ def dcp_writer(uri: str, storage_cfg: StorageConfig | None = None):
     import torch.distributed.checkpoint as dcp
 
     return dcp.FileSystemWriter(storage.filesystem(uri)[1])
+
+
+def final_checkpoint(run: str, max_steps: int, storage_cfg: StorageConfig | None = None) -> tuple[str, dict] | None:
+    """The run's last checkpoint as (uri, meta) once it has finished: the one at max_steps, or one where a mixture
+    source ran out under `on_exhausted: stop` (its meta names it under `data_exhausted`)."""
+    found = complete_checkpoints(run, storage_cfg)
+    for step, ckpt in reversed(found):
+        if step > max_steps:
+            continue
+        meta = storage.read_json(storage.join(ckpt, META), storage_cfg)
+        if step == max_steps or meta.get("data_exhausted"):
+            return ckpt, meta
+        return None
+    return None

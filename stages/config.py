@@ -180,6 +180,34 @@ class QualityClassifierConfig(Strict):
         return self
 
 
+class PerplexityConfig(Strict):
+    # CCNet's perplexity filter (stages/perplexity_model.py): per language, a KenLM n-gram model over SentencePiece
+    # pieces trained on `reference`; documents whose perplexity is above their language's threshold are removed.
+    enabled: bool = False
+    # Reference corpus files (any format ingest reads: Wikipedia, books, ...), split per language by language ID;
+    # each language of filter.languages with min_reference_docs of them gets a model (others are kept unscored).
+    reference: list[str] = []
+    # Keep documents at or below this percentile of their language's perplexities (measured on a seeded sample of
+    # sample_docs ingested documents); CCNet's head/middle/tail cut at the 30th and 60th.
+    keep_percentile: float | None = Field(None, gt=0, lt=100)
+    # A fixed threshold per language instead (e.g. {en: 1000}); a language with neither is scored, not filtered.
+    max_perplexity: dict[str, float] = {}
+    order: int = Field(3, ge=2, le=6)  # n-gram order (KenLM is built for up to 6); CCNet: 5 on Wikipedia
+    vocab_size: int = Field(2000, ge=50)  # SentencePiece pieces per language (fewer when the reference is small)
+    min_reference_docs: int = Field(20, gt=0)
+    max_reference_docs: int = Field(100_000, gt=0)  # read from the reference, sampled uniformly
+    sample_docs: int = Field(5000, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PerplexityConfig":
+        if self.enabled and not self.reference:
+            raise ValueError("enabled without a reference corpus: set filter.perplexity.reference")
+        if self.enabled and self.keep_percentile is None and not self.max_perplexity:
+            raise ValueError("enabled without a threshold: set keep_percentile or max_perplexity")
+        return self
+
+
 class FilterConfig(Strict):
     # FineWeb's pipeline, in its order: URL blocklist, fastText language ID (English, score >= 0.65), Gopher
     # repetition and quality, C4 quality, FineWeb quality; then C4 bad words, then PII redaction.
@@ -196,6 +224,7 @@ class FilterConfig(Strict):
     fineweb_quality: FineWebQualityConfig = FineWebQualityConfig()
     c4_badwords: C4BadWordsConfig = C4BadWordsConfig()
     quality: QualityClassifierConfig = QualityClassifierConfig()
+    perplexity: PerplexityConfig = PerplexityConfig()
     pii: PiiConfig = PiiConfig()
 
 
@@ -282,6 +311,34 @@ class ModelConfig(Strict):
         return self
 
 
+class MixtureSource(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # in logs, metrics and stats
+    weight: float = Field(gt=0)  # relative: the weights are normalized over the sources
+    # A tokenized dataset (a folder holding train/, val/ and tokenizer.json, local or on S3: another config's
+    # tokenize output, made with the same tokenizer). Unset: train.data, else this config's tokenize output.
+    data: str | None = None
+    # Passes over this source allowed (per rank; fractions allowed); None: it repeats as long as training runs.
+    max_epochs: float | None = Field(None, gt=0)
+
+
+class MixtureConfig(Strict):
+    # Weighted draws over several token datasets, block by block (stages/mixture.py), e.g. web 0.7 / books 0.2 /
+    # code 0.1. Each source is curated and tokenized on its own; all must share the run's tokenizer.
+    sources: list[MixtureSource] = Field(min_length=1)
+    # A source that reaches its max_epochs: `stop` ends training there (the checkpoint at that step is the
+    # run's final one); `renormalize` goes on with the remaining sources, their weights scaled to sum to 1.
+    on_exhausted: Literal["stop", "renormalize"] = "renormalize"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "MixtureConfig":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be distinct, got {names}")
+        if sum(s.data is None for s in self.sources) > 1:
+            raise ValueError("only one source may leave `data` unset (it means this config's own dataset)")
+        return self
+
+
 class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda (NCCL, bf16) when available, else cpu (gloo)
     nproc_per_node: int = Field(2, ge=1)
@@ -328,6 +385,9 @@ class TrainConfig(Strict):
     # The tokenized dataset to train on: a folder holding train/ and val/ (LitData TokensLoader shards) and
     # tokenizer.json, local or on S3. Unset: this config's tokenize output (resolved when training starts).
     data: str | None = None
+    # Several datasets mixed by weight instead of the one above; val_loss is then the weighted mean of each
+    # source's validation loss, and tokens and epochs per source are logged and reported.
+    mixture: MixtureConfig | None = None
     val_every: int = Field(50, gt=0)  # validation loss every K steps (and at the end)
     val_batches: int = Field(4, gt=0)  # per rank, of micro_batch_size sequences
     seed: int = 1234
@@ -335,6 +395,13 @@ class TrainConfig(Strict):
     # How the run proceeds and what it keeps, not the weights it ends with (resume is exact).
     # (data: its content's digest is part of a run's identity, not the path it is read from.)
     runtime_only = ("resume", "async_checkpoint", "keep_last", "data")
+
+    @classmethod
+    def digest_view(cls, section: dict) -> dict:
+        # the mixture's dataset paths too: their contents' digests are in the run's identity
+        for source in (section.get("mixture") or {}).get("sources", []):
+            source.pop("data", None)
+        return section
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -467,8 +534,11 @@ class PipelineConfig(Strict):
         """Digest of the named sections: a stage's identity includes only the config it reads."""
         data = self.model_dump(mode="json", include=set(sections))
         for name, section in data.items():
-            for key in getattr(type(getattr(self, name)), "runtime_only", ()):
+            kind = type(getattr(self, name))
+            for key in getattr(kind, "runtime_only", ()):
                 section.pop(key, None)
+            if hasattr(kind, "digest_view"):
+                kind.digest_view(section)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
@@ -526,9 +596,15 @@ def _resolve_relative(cfg: PipelineConfig) -> PipelineConfig:
     cfg.filter.c4_badwords.lists_dir = local(cfg.filter.c4_badwords.lists_dir)
     cfg.filter.quality.positive = [local(p) for p in cfg.filter.quality.positive]
     cfg.filter.quality.negative = [local(p) for p in cfg.filter.quality.negative]
+    cfg.filter.perplexity.reference = [local(p) for p in cfg.filter.perplexity.reference]
     if cfg.tokenizer.path:
         cfg.tokenizer.path = local(cfg.tokenizer.path)
     cfg.evaluate.decontaminate_with = [local(p) for p in cfg.evaluate.decontaminate_with]
+    if cfg.train.data:
+        cfg.train.data = local(cfg.train.data)
+    for source in cfg.train.mixture.sources if cfg.train.mixture else []:
+        if source.data:
+            source.data = local(source.data)
     return cfg
 
 

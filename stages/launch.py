@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stages import scaling, storage
-from stages.checkpoints import META, step_uri
+from stages.checkpoints import final_checkpoint
 from stages.config import REPO_ROOT, PipelineConfig, StorageConfig
 from stages.stage import Force, forced_now, mark_forced
 
@@ -46,7 +46,7 @@ TAIL_LINES = 30
 HISTORY_LINES = 5000
 
 
-TRAIN_CODE = ("stages/train.py", "stages/model.py", "stages/loader.py", "stages/checkpoints.py")
+TRAIN_CODE = ("stages/train.py", "stages/model.py", "stages/loader.py", "stages/mixture.py", "stages/checkpoints.py")
 TOKENIZER_FILE = "tokenizer.json"  # inside the dataset folder (the tokenize stage copies it there)
 
 
@@ -59,15 +59,46 @@ def data_uri(cfg: PipelineConfig) -> str:
     return tokenize.output(cfg).uri
 
 
-def data_digest(cfg: PipelineConfig) -> str:
-    """The dataset's content digest: its tokenize manifest's, or for a dataset made elsewhere its train index's."""
-    data = data_uri(cfg)
+def mixture_sources(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """(field, dataset URI) of each source of train.mixture; a source without `data` reads the run's dataset."""
+    sources = cfg.train.mixture.sources if cfg.train.mixture else []
+    return [
+        (f"train.mixture.sources[{i}].data", s.data.rstrip("/") if s.data else data_uri(cfg))
+        for i, s in enumerate(sources)
+    ]
+
+
+def check_mixture(cfg: PipelineConfig) -> None:
+    """Every source holds training data made with the run's tokenizer; else an error naming the source's field."""
+    want = _sha256_of(tokenizer_uri(cfg), cfg)
+    for field, uri in mixture_sources(cfg):
+        data_digest(cfg, uri, field)
+        tokenizer = storage.join(uri, TOKENIZER_FILE)
+        if not storage.exists(tokenizer, cfg.storage):
+            raise FileNotFoundError(f"{field}: {uri} has no {TOKENIZER_FILE}")
+        if _sha256_of(tokenizer, cfg) != want:
+            raise ValueError(
+                f"{field}: {uri} was tokenized with another tokenizer than the run's ({tokenizer_uri(cfg)}); "
+                "tokenize every source with the same one (tokenizer.path)"
+            )
+
+
+def _sha256_of(uri: str, cfg: PipelineConfig) -> str:
+    with storage.open_uri(uri, "rb", cfg.storage) as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def data_digest(cfg: PipelineConfig, data: str | None = None, field: str = "train.data") -> str:
+    """The dataset's content digest: its tokenize manifest's, or for a dataset made elsewhere its train index's.
+    `data`: another dataset than the run's (a mixture's source, named by `field` in errors)."""
+    data = data or data_uri(cfg)
     manifest = storage.join(data, storage.MANIFEST)
     if storage.exists(manifest, cfg.storage):
         return storage.read_json(manifest, cfg.storage)["digest"]
     index = storage.join(data, "train", "index.json")
     if not storage.exists(index, cfg.storage):  # fail here, not after torchrun has started every rank
-        raise FileNotFoundError(f"{index}: no tokenized training data (run the tokenize stage first)")
+        where = "run the tokenize stage first" if field == "train.data" else field
+        raise FileNotFoundError(f"{index}: no tokenized training data ({where})")
     with storage.open_uri(index, "rb", cfg.storage) as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
@@ -106,7 +137,10 @@ def resolved(cfg: PipelineConfig) -> PipelineConfig:
 def run_identity(cfg: PipelineConfig) -> dict:
     cfg = resolved(cfg)
     code = hashlib.sha256(b"".join((REPO_ROOT / path).read_bytes() for path in TRAIN_CODE)).hexdigest()[:12]
-    return {"code": code, "config": cfg.section_digest("model", "train"), "data": data_digest(cfg)}
+    identity = {"code": code, "config": cfg.section_digest("model", "train"), "data": data_digest(cfg)}
+    if cfg.train.mixture:  # what each source holds, not where it lives
+        identity["mixture"] = [data_digest(cfg, uri, field) for field, uri in mixture_sources(cfg)]
+    return identity
 
 
 def run_uri(cfg: PipelineConfig, identity: dict | None = None) -> str:
@@ -143,12 +177,10 @@ def torchrun_command(cfg: PipelineConfig, config_file: str) -> list[str]:
 
 
 def _completed_summary(cfg: PipelineConfig, run: str) -> dict | None:
-    meta_uri = storage.join(step_uri(run, cfg.train.max_steps), META)
-    fs, _ = storage.filesystem(meta_uri, cfg.storage)
+    fs, _ = storage.filesystem(run, cfg.storage)
     fs.invalidate_cache()  # s3fs caches listings per process; a run may have just written this
-    if not storage.exists(meta_uri, cfg.storage):
-        return None
-    return storage.read_json(meta_uri, cfg.storage).get("summary")
+    final = final_checkpoint(run, cfg.train.max_steps, cfg.storage)
+    return final[1].get("summary") if final else None
 
 
 def _parse(line: str, prefix: str) -> dict | None:
@@ -173,6 +205,7 @@ def run_training(
     `on_line` gets every line the ranks print, `on_metric` every per-step record (step, max_steps, loss, ...)."""
     started = time.time()
     data_digest(cfg)  # no data: fail here, not after torchrun has started every rank
+    check_mixture(cfg)
     cfg = resolved(cfg)
     run = run_uri(cfg)
     if forced_now(run, force, cfg.storage, on_line, "train"):
@@ -183,7 +216,7 @@ def run_training(
         mark_forced(run, force, cfg.storage)
     done = _completed_summary(cfg, run)
     if done is not None:
-        on_line(f"training already complete at {step_uri(run, cfg.train.max_steps)}: skipped")
+        on_line(f"training already complete at {done['checkpoint']}: skipped")
         return {
             **done,
             "skipped": True,

@@ -39,8 +39,9 @@ class DatasetUnavailable(RuntimeError):
         self.kind = kind
 
 
-def dataset_uri(cfg: PipelineConfig, split: str) -> str:
-    return storage.join(data_uri(cfg), split)
+def dataset_uri(cfg: PipelineConfig, split: str, data: str | None = None) -> str:
+    """`split` of the tokenized dataset `data` (a mixture's source), by default the run's (train.data)."""
+    return storage.join(data or data_uri(cfg), split)
 
 
 def check_dataset(uri: str, cfg: PipelineConfig) -> bytes:
@@ -57,9 +58,9 @@ def check_dataset(uri: str, cfg: PipelineConfig) -> bytes:
         return f.read()
 
 
-def index_digest(cfg: PipelineConfig, split: str) -> str:
+def index_digest(cfg: PipelineConfig, split: str, data: str | None = None) -> str:
     """sha256 of the split's index.json (chunk names, sizes and sample counts): identifies the dataset's layout."""
-    return hashlib.sha256(check_dataset(dataset_uri(cfg, split), cfg)).hexdigest()
+    return hashlib.sha256(check_dataset(dataset_uri(cfg, split, data), cfg)).hexdigest()
 
 
 def relocated_state(state: dict, loader) -> dict:
@@ -84,10 +85,12 @@ def cache_dir(uri: str, index: bytes, split: str) -> str:
     return path
 
 
-def make_dataset(cfg: PipelineConfig, split: str, shuffle: bool, block_size: int | None = None):
+def make_dataset(
+    cfg: PipelineConfig, split: str, shuffle: bool, block_size: int | None = None, data: str | None = None
+):
     from litdata import StreamingDataset, TokensLoader
 
-    uri = dataset_uri(cfg, split)
+    uri = dataset_uri(cfg, split, data)
     index = check_dataset(uri, cfg)
     options = storage.prepare_litdata(cfg.storage)
     return StreamingDataset(
@@ -103,22 +106,37 @@ def make_dataset(cfg: PipelineConfig, split: str, shuffle: bool, block_size: int
     )
 
 
-def make_loader(cfg: PipelineConfig, split: str, batch_size: int, shuffle: bool, num_workers: int = 0):
+def make_loader(
+    cfg: PipelineConfig, split: str, batch_size: int, shuffle: bool, num_workers: int = 0, data: str | None = None
+):
     from litdata import StreamingDataLoader
 
-    return StreamingDataLoader(make_dataset(cfg, split, shuffle), batch_size=batch_size, num_workers=num_workers)
+    return StreamingDataLoader(
+        make_dataset(cfg, split, shuffle, data=data), batch_size=batch_size, num_workers=num_workers
+    )
 
 
-class Batches:
-    """Endless full batches from a StreamingDataLoader: a new epoch (reshuffled by litdata) when one runs out.
+def restore(loader, state: dict, same_data: bool, saved_world_size, log: Callable[[str], None]) -> None:
+    """Put `loader` at a saved position. `same_data`: the dataset is the one the state was saved from (its index
+    digest), perhaps at another URI. A position saved by fewer ranks further into the epoch than one of today's
+    ranks holds samples cannot be restriped by litdata: the next epoch (reshuffled) starts instead."""
+    if same_data:
+        state = relocated_state(state, loader)
+    if state["num_samples_yielded"] > len(loader.dataset):
+        log(
+            f"data: the position saved by {saved_world_size} ranks cannot be restriped onto "
+            f"{loader.dataset.distributed_env.world_size}; epoch {state['current_epoch'] + 1} starts"
+        )
+        loader.current_epoch = state["current_epoch"]
+    else:
+        loader.load_state_dict(state)
+
+
+class Epochs:
+    """Endless full batches from one StreamingDataLoader: a new epoch (reshuffled by litdata) when one runs out.
 
     Each rank draws its own batches; ranks need not agree on epoch boundaries since every step takes exactly one
     batch per rank. An incomplete last batch is skipped so every step sees `batch_size` sequences.
-
-    The next batch is read by a background thread while the current one trains (litdata's reading is Python
-    work that a forward/backward, which releases the GIL, hides; a loader worker process would compete for the
-    cores instead). So that checkpoints stay exact, the thread takes the loader's state right after each batch
-    and `state_dict()` returns the state after the last batch handed out, never after the one read ahead.
     """
 
     def __init__(self, loader, batch_size: int, log: Callable[[str], None] = print):
@@ -126,10 +144,8 @@ class Batches:
         self.batch_size = batch_size
         self.log = log
         self._it = None
-        self._queue: queue.Queue | None = None
-        self._state: dict | None = None
 
-    def _full_batch(self):
+    def read(self):
         empty_epochs = 0
         while True:
             if self._it is None:
@@ -150,14 +166,34 @@ class Batches:
                 return batch
             # an incomplete final batch: skip it (its samples count as consumed in the loader's state)
 
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+
+class Batches:
+    """The trainer's batches from a reader (`Epochs` of one dataset, or a `stages.mixture.Mixture`), read ahead.
+
+    The next batch is read by a background thread while the current one trains (litdata's reading is Python
+    work that a forward/backward, which releases the GIL, hides; a loader worker process would compete for the
+    cores instead). So that checkpoints stay exact, the thread takes the reader's state right after each batch
+    and `state_dict()` returns the state after the last batch handed out, never after the one read ahead. An
+    exception of the reader (a mixture's source exhausted) is raised by the `next` call that would have got the
+    batch.
+    """
+
+    def __init__(self, reader):
+        self.reader = reader
+        self._queue: queue.Queue | None = None
+        self._state: dict | None = None
+
     def _read_ahead(self) -> None:
         assert self._queue is not None
         try:
             while True:
-                batch = self._full_batch()
+                batch = self.reader.read()
                 # A copy: after a load_state_dict litdata hands out its one restored dict, updated in place by every
                 # later state_dict() call, so a reference would run ahead with the reading.
-                self._queue.put((batch, copy.deepcopy(self.loader.state_dict())))
+                self._queue.put((batch, copy.deepcopy(self.reader.state_dict())))
         except BaseException as exc:  # handed to the training thread, which raises it
             self._queue.put(exc)
 
@@ -172,5 +208,5 @@ class Batches:
         return batch
 
     def state_dict(self) -> dict:
-        """The loader's state after the last batch returned by `next` (its own state before the first)."""
-        return self._state if self._state is not None else self.loader.state_dict()
+        """The reader's state after the last batch returned by `next` (its own state before the first)."""
+        return self._state if self._state is not None else self.reader.state_dict()

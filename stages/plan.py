@@ -89,11 +89,12 @@ def _training_rows(cfg: PipelineConfig, force: list[str], pending: str | None) -
     cfg = launch.resolved(cfg)
     run = launch.run_uri(cfg)
     found = checkpoints.complete_checkpoints(run, cfg.storage)
-    final = [uri for step, uri in found if step == cfg.train.max_steps]
+    final = checkpoints.final_checkpoint(run, cfg.train.max_steps, cfg.storage)
     if "train" in force:
         train = ("run", "forced: from step 0")
     elif final:
-        train = ("skip", f"complete at step {cfg.train.max_steps}")
+        early = " (a mixture source ran out)" if final[1].get("data_exhausted") else ""
+        train = ("skip", f"complete at step {final[1]['step']}{early}")
     elif found:
         train = ("run", f"resumes from step {found[-1][0]} of {cfg.train.max_steps}")
     else:

@@ -1,6 +1,7 @@
 """Checks that run before any work: every input named in the config exists and every endpoint answers.
 
 A bad config should cost seconds, not a half-finished pipeline: missing inputs, a missing language-ID model,
+a missing perplexity reference or KenLM build, a mixture source without tokens,
 an unreachable or misconfigured S3 endpoint, an unavailable device and a config the compute plan rejects (state
 that does not fit the planned GPUs' memory, a batch larger than the token budget: stages/budget.py) are reported
 here, each naming the config field to fix.
@@ -24,6 +25,20 @@ def _check_storage_root(cfg: PipelineConfig) -> None:
         raise ConfigError(f"{field[exc.kind]}: {exc}") from None
 
 
+def _check_perplexity(cfg: PipelineConfig) -> None:
+    pc = cfg.filter.perplexity
+    if not pc.enabled:
+        return
+    for i, uri in enumerate(pc.reference):
+        if not storage.expand(uri, cfg.storage):
+            raise ConfigError(f"filter.perplexity.reference[{i}]: {uri} does not exist")
+    from stages.perplexity_model import kenlm_installed
+
+    missing = kenlm_installed()
+    if missing:
+        raise ConfigError(f"filter.perplexity: {missing}")
+
+
 def preflight(cfg: PipelineConfig) -> None:
     from stages.ingest import list_inputs
 
@@ -41,6 +56,10 @@ def preflight(cfg: PipelineConfig) -> None:
         raise ConfigError(f"filter.lid_model_path: {cfg.filter.lid_model_path} does not exist (run `make install`)")
     if cfg.tokenizer.path and not storage.exists(cfg.tokenizer.path, cfg.storage):
         raise ConfigError(f"tokenizer.path: {cfg.tokenizer.path} does not exist")
+    _check_perplexity(cfg)
+    for i, source in enumerate(cfg.train.mixture.sources if cfg.train.mixture else []):
+        if source.data and not storage.exists(storage.join(source.data, "train", "index.json"), cfg.storage):
+            raise ConfigError(f"train.mixture.sources[{i}].data: no tokenized training data at {source.data}/train")
     if cfg.train.device == "cuda":
         import torch
 

@@ -32,7 +32,7 @@ def _line(text: str) -> str:
     return " ".join(text.split())[:20_000]
 
 
-def _examples(uris: list[str], cfg: PipelineConfig, limit: int, rng: random.Random) -> list[str]:
+def examples(uris: list[str], cfg: PipelineConfig, limit: int, rng: random.Random) -> list[str]:
     """Up to `limit` texts from raw files (read as ingest reads them), sampled uniformly by reservoir."""
     from stages.ingest import read_records
 
@@ -50,7 +50,7 @@ def _examples(uris: list[str], cfg: PipelineConfig, limit: int, rng: random.Rand
     return reservoir
 
 
-def _pool_sample(cfg: PipelineConfig, shard_uris: list[str], limit: int, rng: random.Random) -> list[str]:
+def pool_sample(cfg: PipelineConfig, shard_uris: list[str], limit: int, rng: random.Random) -> list[str]:
     reservoir: list[str] = []
     seen = 0
     for uri in shard_uris:
@@ -70,9 +70,9 @@ def train(cfg: PipelineConfig, pool_shards: list[str], out_uri: str) -> dict:
 
     qc = cfg.filter.quality
     rng = random.Random(qc.seed)
-    positives = _examples(qc.positive, cfg, qc.max_examples, rng)
-    pool = _pool_sample(cfg, pool_shards, qc.max_examples, rng)
-    negatives = _examples(qc.negative, cfg, qc.max_examples, rng) if qc.negative else pool
+    positives = examples(qc.positive, cfg, qc.max_examples, rng)
+    pool = pool_sample(cfg, pool_shards, qc.max_examples, rng)
+    negatives = examples(qc.negative, cfg, qc.max_examples, rng) if qc.negative else pool
     if not positives or not negatives:
         raise ValueError(f"filter.quality: need examples of both classes, got {len(positives)} and {len(negatives)}")
     labelled = [(f"__label__{LABEL}", t) for t in positives] + [("__label__other", t) for t in negatives]

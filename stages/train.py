@@ -7,7 +7,10 @@ One file, torchtitan's shape at nanoGPT's size:
   parameters with fp32 gradient reduction on CUDA, fp32 on CPU) or (`ddp`) DistributedDataParallel, whose
   bucketed all-reduce overlaps backward and beats per-block gathers when the model fits one device;
 - data: stages/loader.py, litdata's StreamingDataLoader over `{root}/tokens/train` in blocks of seq_len + 1
-  tokens, split per rank by litdata, reshuffled every epoch; epochs repeat until the run's last step;
+  tokens, split per rank by litdata, reshuffled every epoch; epochs repeat until the run's last step. Or
+  (`train.mixture`) several such datasets drawn from by weight block by block (stages/mixture.py), with tokens
+  and epochs per source in the metrics and a source capped by max_epochs either dropped from the draws or ending
+  the run at its last full step (its checkpoint is then the final one, `data_exhausted` in its meta.json);
 - steps: `global_batch_size` sequences per optimizer step through gradient accumulation (FSDP2 reduces gradients
   on the last micro-batch only, as does DDP); the run's length from max_steps, max_tokens or the Chinchilla multiplier
   (stages/scaling.py); AdamW (weight decay on matrices only), LambdaLR with linear warmup then cosine decay to
@@ -70,11 +73,13 @@ from stages.launch import (
     LAUNCHER_PID_ENV,
     METRIC_PREFIX,
     SUMMARY_PREFIX,
+    mixture_sources,
     run_identity,
     run_uri,
     tokenizer_uri,
     tokenizer_vocab_size,
 )
+from stages.mixture import DataExhausted, Mixture, Source
 from stages.model import Transformer, document_ids
 from stages.parallel import process_alive
 
@@ -263,13 +268,14 @@ class DivergenceGuard:
 # data
 
 
-def load_val_batches(cfg: PipelineConfig, device: torch.device) -> list[torch.Tensor]:
-    """A few validation batches, identical in count on every rank (FSDP forwards are collectives)."""
-    uri = loader_lib.dataset_uri(cfg, "val")
+def load_val_batches(cfg: PipelineConfig, device: torch.device, data: str | None = None) -> list[torch.Tensor]:
+    """A few validation batches of the run's dataset (or `data`), identical in count on every rank (FSDP forwards
+    are collectives)."""
+    uri = loader_lib.dataset_uri(cfg, "val", data)
     if not storage.exists(storage.join(uri, loader_lib.INDEX), cfg.storage):
         log(f"no validation data at {uri}: val_loss is not computed")
         return []
-    loader = loader_lib.make_loader(cfg, "val", batch_size=1, shuffle=False)
+    loader = loader_lib.make_loader(cfg, "val", batch_size=1, shuffle=False, data=data)
     items: list[torch.Tensor] = []
     want = cfg.train.val_batches * cfg.train.micro_batch_size
     for item in loader:
@@ -281,6 +287,65 @@ def load_val_batches(cfg: PipelineConfig, device: torch.device) -> list[torch.Te
     n = int(count.item()) * cfg.train.micro_batch_size
     stacked = torch.stack(items[:n]) if n else torch.empty(0)
     return list(stacked.split(cfg.train.micro_batch_size)) if n else []
+
+
+def make_reader(cfg: PipelineConfig, device: torch.device):
+    """What the trainer's batches come from: the run's dataset (`loader.Epochs`), or a `Mixture` of the sources of
+    train.mixture (one loader each, a block per draw)."""
+    t = cfg.train
+    if not t.mixture:
+        loader = loader_lib.make_loader(
+            cfg, "train", batch_size=t.micro_batch_size, shuffle=True, num_workers=t.loader_workers
+        )
+        return loader_lib.Epochs(loader, t.micro_batch_size, log)
+    sources = []
+    for spec, (_, uri) in zip(t.mixture.sources, mixture_sources(cfg)):
+        loader = loader_lib.make_loader(cfg, "train", 1, shuffle=True, num_workers=t.loader_workers, data=uri)
+        digest = loader_lib.index_digest(cfg, "train", uri)
+        sources.append(Source(spec.name, spec.weight, loader, spec.max_epochs, digest))
+    mixture = Mixture(sources, t.micro_batch_size, t.seed, t.mixture.on_exhausted, log)
+
+    def smallest(counts: list[int]) -> list[int]:
+        tensor = torch.tensor(counts, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return [int(x) for x in tensor.tolist()]
+
+    mixture.agree_epoch_blocks(smallest)
+    total = sum(s.weight for s in sources)
+    for s in sources:
+        cap = f"max_epochs {s.max_epochs:g}" if s.max_epochs is not None else "repeats without a cap"
+        log(
+            f"data: source {s.name}: weight {s.weight / total:.3f}, {s.epoch_blocks:,} blocks per rank and epoch, {cap}"
+        )
+    return mixture
+
+
+def validation_sets(cfg: PipelineConfig, device: torch.device) -> list[tuple[str | None, float, list]]:
+    """(source, weight, batches) to validate on: the run's dataset, or each mixture source's val split."""
+    if not cfg.train.mixture:
+        return [(None, 1.0, load_val_batches(cfg, device))]
+    return [
+        (spec.name, spec.weight, load_val_batches(cfg, device, uri))
+        for spec, (_, uri) in zip(cfg.train.mixture.sources, mixture_sources(cfg))
+    ]
+
+
+def evaluate_sets(model, sets, device: torch.device, eos_id: int | None) -> tuple[float | None, dict | None]:
+    """The validation loss (over a mixture: the weighted mean of its sources') and, for a mixture, each source's."""
+    losses = {name: (weight, evaluate(model, batches, device, eos_id)) for name, weight, batches in sets}
+    scored = [(w, loss) for w, loss in losses.values() if loss is not None]
+    mean = sum(w * loss for w, loss in scored) / sum(w for w, _ in scored) if scored else None
+    by_source = {name: round(loss, 6) for name, (_, loss) in losses.items() if name and loss is not None}
+    return mean, by_source or None
+
+
+def source_counts(mixture: Mixture, state: dict, world: int, seq_len: int) -> dict[str, dict]:
+    """Per source over all ranks (they draw alike): tokens trained on, epochs over it, exhausted or not."""
+    counts = mixture.counts(state)
+    return {
+        name: {"tokens": c["blocks"] * world * seq_len, "epochs": c["epochs"], "exhausted": c["exhausted"]}
+        for name, c in counts.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,10 +482,10 @@ class Checkpointer:
                 if old != uri:
                     storage.remove(old, self.cfg.storage)
 
-    def load(self, uri: str, model, optimizer, scheduler, loader, guard) -> dict:
+    def load(self, uri: str, model, optimizer, scheduler, reader, guard) -> dict:
         """Everything a resumed run needs; from a run with another world size, what DCP can reshard."""
-        reader = dcp_reader(uri, self.cfg.storage)
-        saved = set(reader.read_metadata().state_dict_metadata)
+        ckpt_reader = dcp_reader(uri, self.cfg.storage)
+        saved = set(ckpt_reader.read_metadata().state_dict_metadata)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         train_state = {"step": 0, "tokens_seen": 0, "scheduler": b"", "guard": b""}
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "train": train_state}
@@ -431,27 +496,20 @@ class Checkpointer:
             state["loader"] = {loader_key: b""}
         if f"rng.{key}" in saved:
             state["rng"] = {key: b""}
-        dcp.load(state, storage_reader=reader)
+        dcp.load(state, storage_reader=ckpt_reader)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(pickle.loads(state["train"]["scheduler"]))
         guard.history = pickle.loads(state["train"]["guard"])
-        if "loader" in state:
-            loader_state = pickle.loads(state["loader"][loader_key])
+        reader_state = pickle.loads(state["loader"][loader_key]) if "loader" in state else None
+        if reader_state is not None and isinstance(reader, Mixture) == ("sources" in reader_state):
             meta = storage.read_json(storage.join(uri, META), self.cfg.storage)
-            if meta.get("tokens_index_sha256") == self.data_index:  # the same data, perhaps at another URI
-                loader_state = loader_lib.relocated_state(loader_state, loader)
-            if loader_state["num_samples_yielded"] > len(loader.dataset):
-                # Saved by fewer ranks further into the epoch than one of today's ranks holds samples: litdata
-                # cannot restripe that position, so the next epoch (reshuffled) starts instead.
-                log(
-                    f"data: the position saved by {meta.get('world_size')} ranks cannot be restriped onto "
-                    f"{dist.get_world_size()}; epoch {loader_state['current_epoch'] + 1} starts"
-                )
-                loader.current_epoch = loader_state["current_epoch"]
+            if isinstance(reader, Mixture):  # (each source checks its own data's digest)
+                reader.load_state_dict(reader_state, meta.get("world_size"))
             else:
-                loader.load_state_dict(loader_state)
+                same_data = meta.get("tokens_index_sha256") == self.data_index  # perhaps at another URI
+                loader_lib.restore(reader.loader, reader_state, same_data, meta.get("world_size"), log)
         else:
-            log(f"{uri} has no data-loader state: the data order restarts")
+            log(f"{uri} has no data-loader state for this run's data: the data order restarts")
         if "rng" in state:
             set_rng_state(state["rng"][key], self.device)
         self.last_complete = uri
@@ -590,16 +648,14 @@ def train(cfg: PipelineConfig) -> dict:
         f"sequences = {tokens_per_step:,} tokens ({accum} micro-batches of {t.micro_batch_size} per rank)"
     )
 
-    loader = loader_lib.make_loader(
-        cfg, "train", batch_size=t.micro_batch_size, shuffle=True, num_workers=t.loader_workers
-    )
-    val_batches = load_val_batches(cfg, device)
+    reader = make_reader(cfg, device)
+    val_sets = validation_sets(cfg, device)
 
     choice = [pick_resume(cfg, run, max_steps) if rank == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     step, tokens_seen, resumed_from = 0, 0, choice[0]
     if resumed_from is not None:
-        state = checkpointer.load(resumed_from, model, optimizer, scheduler, loader, guard)
+        state = checkpointer.load(resumed_from, model, optimizer, scheduler, reader, guard)
         step, tokens_seen = state["step"], state["tokens_seen"]
         log(f"resumed from {resumed_from} at step {step}")
     elif t.initial_checkpoint:
@@ -608,14 +664,15 @@ def train(cfg: PipelineConfig) -> dict:
     start_step = step
 
     metrics = MetricsLog(cfg, run, start_step) if rank == 0 else None
-    batches = loader_lib.Batches(loader, t.micro_batch_size, log)
+    batches = loader_lib.Batches(reader)
+    data_exhausted = None  # why a `stop` mixture ended the run early
 
     first_loss = final_loss = val_loss = None
     parent = os.getppid()
     launcher = int(os.environ.get(LAUNCHER_PID_ENV, "0"))  # on this node (stages/launch.py sets it)
 
     def run_summary(ckpt: str | None) -> dict:  # the run so far (reads the loop's variables when called)
-        return _summary(
+        summary = _summary(
             step,
             first_loss,
             final_loss,
@@ -630,6 +687,43 @@ def train(cfg: PipelineConfig) -> dict:
             peak and peak * world,
             peak_memory_mb(device),
         )
+        if isinstance(reader, Mixture):
+            summary["sources"] = source_counts(reader, batches.state_dict(), world, t.seq_len)
+        if data_exhausted:
+            summary["data_exhausted"] = data_exhausted
+        return summary
+
+    def save_checkpoint(val_now: float | None, final: bool) -> None:
+        meta = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "train_loss": final_loss,
+            "val_loss": val_now,
+            "model": cfg.model.model_dump(),
+            "vocab_size": vocab_size,
+            "tokenizer_uri": tokenizer_uri(cfg),
+            "tokenizer_sha256": tokenizer_sha256,
+            "git_commit": storage.git_commit(),
+            "data_uri": cfg.train.data,
+            # lineage: the run's version (its folder) and what it is a function of
+            "run_version": run.rsplit("/", 1)[1],
+            "run_identity": identity,
+            "tokens_index_sha256": checkpointer.data_index,
+            "world_size": world,
+            "seq_len": t.seq_len,
+            "max_steps": max_steps,
+        }
+        if t.mixture:  # lineage: where each source was read (what each holds is in run_identity["mixture"])
+            meta["mixture"] = {spec.name: uri for spec, (_, uri) in zip(t.mixture.sources, mixture_sources(cfg))}
+        if data_exhausted:
+            meta["data_exhausted"] = data_exhausted
+        if final:
+            meta["summary"] = run_summary(step_uri(run, step))
+        checkpointer.save(
+            step, model, optimizer, scheduler, batches, guard, {"step": step, "tokens_seen": tokens_seen}, meta
+        )
+        if metrics:
+            metrics.flush()
 
     started = time.time()
     train_seconds = 0.0
@@ -646,11 +740,20 @@ def train(cfg: PipelineConfig) -> dict:
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
-                batch = batches.next()
+                try:
+                    batch = batches.next()
+                except DataExhausted as exc:  # on every rank at the same micro-batch: they draw alike
+                    data_exhausted = str(exc)
+                    break
                 with gradient_sync(model, micro == accum - 1):
                     loss = lm_loss(model, batch, device, eos_id) / accum
                     loss.backward()
                 loss_sum += loss.detach()
+            if data_exhausted:
+                optimizer.zero_grad(set_to_none=True)  # the step's micro-batches so far are dropped with it
+                step -= 1
+                log(f"{data_exhausted}: stopping after step {step} of {max_steps}")
+                break
             grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)).item()
             loss_value = mean_over_ranks(loss_sum.item(), device)
             guard.check(step, loss_value, grad_norm, checkpointer.last_complete)
@@ -664,9 +767,10 @@ def train(cfg: PipelineConfig) -> dict:
             first_loss = loss_value if first_loss is None else first_loss
             final_loss = loss_value
 
-            val_now = None
+            val_now = val_by_source = None
             if step % t.val_every == 0 or step == max_steps:
-                val_loss = val_now = evaluate(model, val_batches, device, eos_id)
+                val_loss, val_by_source = evaluate_sets(model, val_sets, device, eos_id)
+                val_now = val_loss
             if rank == 0:
                 flops_per_s = flops_per_token * tokens_per_step / dt
                 record = {
@@ -684,36 +788,20 @@ def train(cfg: PipelineConfig) -> dict:
                 }
                 if val_now is not None:
                     record["val_loss"] = round(val_now, 6)
+                if val_by_source:
+                    record["val_loss_by_source"] = val_by_source
+                if isinstance(reader, Mixture):  # (the state after this step's batches, not the one read ahead)
+                    record["sources"] = source_counts(reader, batches.state_dict(), world, t.seq_len)
                 metrics.append(record)
                 emit(METRIC_PREFIX, record)
 
             if step % t.checkpoint_every == 0 or step == max_steps:
-                meta = {
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "train_loss": final_loss,
-                    "val_loss": val_now,
-                    "model": cfg.model.model_dump(),
-                    "vocab_size": vocab_size,
-                    "tokenizer_uri": tokenizer_uri(cfg),
-                    "tokenizer_sha256": tokenizer_sha256,
-                    "git_commit": storage.git_commit(),
-                    "data_uri": cfg.train.data,
-                    # lineage: the run's version (its folder) and what it is a function of
-                    "run_version": run.rsplit("/", 1)[1],
-                    "run_identity": identity,
-                    "tokens_index_sha256": checkpointer.data_index,
-                    "world_size": world,
-                    "seq_len": t.seq_len,
-                    "max_steps": max_steps,
-                }
-                if step == max_steps:
-                    meta["summary"] = run_summary(step_uri(run, step))
-                checkpointer.save(
-                    step, model, optimizer, scheduler, batches, guard, {"step": step, "tokens_seen": tokens_seen}, meta
-                )
-                if metrics:
-                    metrics.flush()
+                save_checkpoint(val_now, final=step == max_steps)
+        if data_exhausted:  # the step reached is the run's last: its checkpoint says why, with the summary
+            if step == 0:
+                raise RuntimeError(f"{data_exhausted} before the first step")
+            val_loss = evaluate_sets(model, val_sets, device, eos_id)[0]
+            save_checkpoint(val_loss, final=True)
         checkpointer.wait()
     except TrainingDiverged:
         checkpointer.wait()  # a save still running in the background is a good checkpoint: let it complete
@@ -723,7 +811,7 @@ def train(cfg: PipelineConfig) -> dict:
             metrics.close()
 
     if start_step >= max_steps:  # nothing left to do: report what the checkpoint holds
-        val_loss = evaluate(model, val_batches, device, eos_id)
+        val_loss = evaluate_sets(model, val_sets, device, eos_id)[0]
     summary = run_summary(checkpointer.last_complete)
     if rank == 0:
         emit(SUMMARY_PREFIX, summary)

@@ -64,7 +64,12 @@ def metrics_table(records: list[dict], rows: int = 20) -> list[dict]:
     if picked[-1] is not records[-1]:
         picked.append(records[-1])
     columns = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "mfu", "memory_mb")
-    return [{c: r.get(c) for c in columns} for r in picked]
+    rows = [{c: r.get(c) for c in columns} for r in picked]
+    for row, record in zip(rows, picked):  # a mixture: tokens trained on and epochs over each source so far
+        for name, source in (record.get("sources") or {}).items():
+            row[f"{name} tokens"] = source["tokens"]
+            row[f"{name} epochs"] = source["epochs"]
+    return rows
 
 
 def write(cfg: PipelineConfig) -> dict:

@@ -81,7 +81,7 @@ def test_resume_of_a_resumed_run_through_batches(dataset):
         dl = loader.make_loader(dataset, "train", batch_size=4, shuffle=True, num_workers=0)
         if state is not None:
             dl.load_state_dict(state)
-        batches = loader.Batches(dl, 4, log=lambda _: None)
+        batches = loader.Batches(loader.Epochs(dl, 4, log=lambda _: None))
         taken = blocks([batches.next() for _ in range(take)])
         time.sleep(0.2)  # the thread reads ahead meanwhile
         return taken, batches.state_dict()

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import torch
 
-from stages import evaluate, scaling, storage
+from stages import evaluate, scaling, storage, train_report
 from stages.config import PipelineConfig
 from stages.launch import child_config_json, run_training, run_uri, torchrun_command
 from stages.train import DivergenceGuard, TrainingDiverged
@@ -659,3 +659,120 @@ def test_freed_memory_is_reused_without_page_faults():
     pages = 40 * 4 * (16 << 20) // 4096
     assert default > 0.9 * pages, default  # every round faults its pages in again (nearly all: glibc keeps a pad)
     assert kept < pages // 100, (kept, default)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mixtures (train.mixture): the run's dataset and a small second source made with the same tokenizer
+
+BOOK_MODULES = ["random", "email.message", "http.client"]
+MIX = dict(max_steps=12, checkpoint_every=4, val_every=4)
+
+
+@pytest.fixture(scope="module")
+def mixture_data(token_data, tmp_path_factory) -> Path:
+    """token_data plus books/{train,val} and books/tokenizer.json: other text, the same tokenizer."""
+    from litdata import TokensLoader, optimize
+    from tokenizers import Tokenizer
+
+    root = tmp_path_factory.mktemp("mixture") / "data"
+    shutil.copytree(token_data, root)
+    tok = Tokenizer.from_file(str(root / "tokens" / "tokenizer.json"))
+    docs: list[str] = []
+    for name in BOOK_MODULES:
+        _module_docs(name, docs)
+    ids = [enc.ids + [tok.token_to_id(EOS)] for enc in tok.encode_batch(docs)]
+    splits: dict[str, list] = {"val": [], "train": []}
+    # val: a full validation batch per rank (2 x 8 blocks of 65 tokens); train: about 40 blocks, an epoch of
+    # which lasts about 8 steps at weight 0.3
+    for split, blocks in (("val", 20), ("train", 40)):
+        while sum(map(len, splits[split])) < blocks * 65:
+            splits[split].append(ids.pop())
+    for split, items in splits.items():
+        optimize(
+            fn=_to_tokens,
+            inputs=items,
+            output_dir=str(root / "books" / split),
+            item_loader=TokensLoader(),
+            chunk_bytes="1MB",
+            num_workers=1,
+        )
+    shutil.copy(root / "tokens" / "tokenizer.json", root / "books" / "tokenizer.json")
+    return root
+
+
+def mixture_cfg(root: Path, on_exhausted: str, **train) -> PipelineConfig:
+    sources = [
+        {"name": "docs", "weight": 0.7},  # (train.data: the run's own dataset)
+        {"name": "books", "weight": 0.3, "data": str(root / "books"), "max_epochs": 1.0},
+    ]
+    return make_cfg(str(root), mixture={"sources": sources, "on_exhausted": on_exhausted}, **{**MIX, **train})
+
+
+@pytest.fixture(scope="module")
+def mixture_run(mixture_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixture-run") / "run"
+    shutil.copytree(mixture_data, root)
+    cfg = mixture_cfg(root, "renormalize")
+    return cfg, *run(cfg)
+
+
+def test_mixture_counts_tokens_per_source_caps_epochs_and_resumes_exactly(mixture_run, mixture_data, tmp_path):
+    cfg, result, lines, metrics = mixture_run
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    for m in metrics:  # every token trained on is counted under one source
+        assert sum(s["tokens"] for s in m["sources"].values()) == m["tokens_seen"]
+    books = [m["sources"]["books"] for m in metrics]
+    ran_out = next(i for i, b in enumerate(books) if b["exhausted"])
+    assert 4 <= ran_out < 11, ran_out  # after the step-4 checkpoint the resume below starts from
+    assert books[ran_out]["epochs"] == 1.0 and all(b == books[ran_out] for b in books[ran_out:])
+    assert books[ran_out - 1]["tokens"] / metrics[ran_out - 1]["tokens_seen"] == pytest.approx(0.3, abs=0.12)
+    assert any("source books exhausted after 1.00 epochs" in line and "go on over docs" in line for line in lines)
+    by_source = metrics[3]["val_loss_by_source"]
+    assert set(by_source) == {"docs", "books"}
+    assert metrics[3]["val_loss"] == pytest.approx(0.7 * by_source["docs"] + 0.3 * by_source["books"], abs=1e-5)
+    assert result["sources"]["books"]["exhausted"] and result["sources"]["docs"]["tokens"] > 0
+    table = train_report.metrics_table(metrics)  # the Prefect artifact's rows
+    assert table[-1]["books tokens"] == books[-1]["tokens"] and table[-1]["books epochs"] == 1.0
+
+    # Killed after step 6, resumed from the step-4 checkpoint: across the cap, the same losses and source counts.
+    root = tmp_path / "run"
+    shutil.copytree(mixture_data, root)
+    again = mixture_cfg(root, "renormalize")
+    assert run_dir(again).name == run_dir(cfg).name  # (the sources' paths are not the run's identity)
+    with pytest.raises(RuntimeError, match="torchrun exited with code"):
+        run_training(again, on_line=sigkill_torchrun_at(6))
+    _, resumed_lines, resumed = run(again)
+    assert any("resumed from" in line and "step-000004" in line for line in resumed_lines)
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in metrics[4:]]
+    assert [m["sources"] for m in resumed] == [m["sources"] for m in metrics[4:]]
+
+
+def test_mixture_stop_policy_ends_the_run_where_a_source_ran_out(mixture_run, mixture_data, tmp_path):
+    _, _, _, renormalized = mixture_run
+    ran_out = next(m["step"] for m in renormalized if m["sources"]["books"]["exhausted"])
+    root = tmp_path / "run"
+    shutil.copytree(mixture_data, root)
+    cfg = mixture_cfg(root, "stop")
+    result, lines, metrics = run(cfg)
+    assert [m["step"] for m in metrics] == list(range(1, ran_out + 1))  # the batch it ran out in was the last
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in renormalized[:ran_out]]
+    assert result["steps"] == ran_out and "books (1.00 epochs" in result["data_exhausted"]
+    meta = json.loads((run_dir(cfg) / f"step-{ran_out:06d}" / "meta.json").read_text())
+    assert "on_exhausted: stop" in meta["data_exhausted"] and meta["summary"]["steps"] == ran_out
+    assert meta["mixture"] == {"docs": str(root / "tokens"), "books": str(root / "books")}
+    assert len(meta["run_identity"]["mixture"]) == 2  # each source's content digest
+    assert any(f"stopping after step {ran_out} of 12" in line for line in lines)
+    assert run_training(cfg, on_line=lambda _: None)["skipped"]  # the run is complete: a rerun has nothing to do
+
+
+def test_mixture_source_with_another_tokenizer_fails_before_launch(mixture_data, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(mixture_data, root)
+    tokenizer = json.loads((root / "books" / "tokenizer.json").read_text())
+    tokenizer["added_tokens"][0]["content"] = "<|other|>"
+    (root / "books" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match=r"train.mixture.sources\[1\].data: .*books was tokenized with another"):
+        run_training(mixture_cfg(root, "stop"), on_line=lambda _: None)
+    shutil.rmtree(root / "books" / "train")
+    with pytest.raises(FileNotFoundError, match=r"no tokenized training data \(train.mixture.sources\[1\].data\)"):
+        run_training(mixture_cfg(root, "stop"), on_line=lambda _: None)
