@@ -5,9 +5,11 @@ threshold of their language; the scores are in the stats, in the removed samples
 from __future__ import annotations
 
 import random
-from pathlib import Path
+import statistics
+from functools import partial
 
 import pytest
+from datatrove.data import Document
 
 from stages import filter, ingest, perplexity_model
 from stages.config import ConfigError, load_config
@@ -15,15 +17,14 @@ from stages.documents import read_docs
 from stages.preflight import preflight
 from tests.conftest import docs_in, out_dir
 
-REFERENCE = str(Path(__file__).resolve().parent.parent / "data" / "sample" / "reference.parquet")
 HEURISTICS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality", "c4_badwords")
 
 
-def settings(tmp_path, **perplexity) -> dict:
+def settings(tmp_path, reference: str, **perplexity) -> dict:
     return {
         "storage.root": str(tmp_path / "out"),
         "filter.perplexity.enabled": True,
-        "filter.perplexity.reference": [REFERENCE],
+        "filter.perplexity.reference": [reference],
         **{f"filter.perplexity.{k}": v for k, v in perplexity.items()},
         # the perplexity rule is what is tested: the heuristic rules (the slow part) are off
         **{f"filter.{rule}.enabled": False for rule in HEURISTICS},
@@ -41,8 +42,11 @@ def percentile_run(small_corpus, tmp_path_factory):
     cfg = load_config(
         "tiny",
         {
-            **settings(tmp, keep_percentile=70),
+            # the reference: the sample's reference corpus (its first 150 documents, 83 of them English)
+            **settings(tmp, str(small_corpus["parquet"]), keep_percentile=70),
             "ingest.inputs": [str(small_corpus["jsonl"]), str(small_corpus["warc"])],
+            "ingest.workers": 1,
+            "filter.workers": 1,
             "filter.removed_sample_per_rule": 1000,
         },
     )
@@ -55,7 +59,7 @@ def test_percentile_keeps_that_share_per_language_with_scores_in_stats_and_sampl
     p = s["perplexity"]
     assert list(p["models"]) == ["en"]  # filter.languages: [en]
     model = p["models"]["en"]
-    assert model["reference_docs"] >= 150 and model["pieces"] > 500  # (the sample: 235 English, some too short)
+    assert model["reference_docs"] >= 60 and model["pieces"] > 500
     out = out_dir(filter, cfg)
     assert (out / model["sp"]).is_file() and (out / model["lm"]).is_file()
 
@@ -86,26 +90,37 @@ def test_the_model_prefers_real_text_to_its_words_shuffled(percentile_run):
         assert scorer.perplexity(" ".join(words)) > scorer.perplexity(text)
 
 
-def test_fixed_threshold_and_bad_settings(percentile_run, tmp_path):
+def test_fixed_threshold_per_language_and_bad_settings(percentile_run, small_corpus, tmp_path):
     cfg, s = percentile_run
-    limit = round(s["perplexity"]["thresholds"]["en"] / 2)
-    fixed = load_config(
-        "tiny", {**settings(tmp_path, max_perplexity={"en": limit}), "ingest.inputs": cfg.ingest.inputs}
-    )
-    fixed.storage.root = cfg.storage.root  # the same ingest output; the filter's version differs
-    r = filter.run(fixed, log=lambda _: None)
-    assert r["perplexity"]["thresholds"] == {"en": limit} and r["perplexity"]["percentile_sample"] == {}
-    assert r["removed"]["perplexity"] > s["removed"]["perplexity"]
-    assert all(d.metadata["perplexity"] <= limit for d in docs_in(out_dir(filter, fixed)))
+    scored = docs_in(out_dir(filter, cfg)) + removed_docs(cfg)
+    limit = round(statistics.median(d.metadata["perplexity"] for d in scored if "perplexity" in d.metadata))
+    # max_perplexity: the language's threshold is that number, and no pool sample is scored for it
+    fixed = load_config("tiny", settings(tmp_path, str(small_corpus["parquet"]), max_perplexity={"en": limit}))
+    trained = perplexity_model.train(fixed, [], str(tmp_path / "models"), partial(filter.language_of, fixed))
+    assert trained["thresholds"] == {"en": limit} and trained["percentile_sample"] == {}
 
+    # the block removes above its language's threshold, naming it, and leaves another language unscored
+    model = s["perplexity"]["models"]["en"]
+    block = perplexity_model.PerplexityFilter(
+        {"en": perplexity_model.local_copies(cfg, filter.output(cfg).uri, model)}, {"en": limit}
+    )
+    for doc in scored[:40]:
+        doc = Document(text=doc.text, id=doc.id, metadata={"language": "en"})
+        verdict = block.filter(doc)
+        if doc.metadata["perplexity"] > limit:
+            assert verdict == (False, f"en_above_{limit:g}")
+        else:
+            assert verdict is True
+    other = Document(text=scored[0].text, id="x", metadata={"language": "fr"})
+    assert block.filter(other) is True and "perplexity" not in other.metadata
+
+    reference = str(small_corpus["parquet"])
     with pytest.raises(ConfigError, match="enabled without a reference corpus"):
         load_config("tiny", {"filter.perplexity.enabled": True, "filter.perplexity.keep_percentile": 50})
     with pytest.raises(ConfigError, match="enabled without a threshold"):
-        load_config("tiny", {"filter.perplexity.enabled": True, "filter.perplexity.reference": [REFERENCE]})
+        load_config("tiny", {"filter.perplexity.enabled": True, "filter.perplexity.reference": [reference]})
     with pytest.raises(ConfigError, match="keep_percentile"):
-        load_config("tiny", settings(tmp_path, keep_percentile=100))
-    missing = load_config(
-        "tiny", {**settings(tmp_path, keep_percentile=50), "filter.perplexity.reference": ["nope.parquet"]}
-    )
+        load_config("tiny", settings(tmp_path, reference, keep_percentile=100))
+    missing = load_config("tiny", settings(tmp_path, str(tmp_path / "nope.parquet"), keep_percentile=50))
     with pytest.raises(ConfigError, match=r"filter.perplexity.reference\[0\]: .*nope.parquet does not exist"):
         preflight(missing)
