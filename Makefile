@@ -9,14 +9,14 @@ STACK := $(PY) infra/stack.py
 # on disk instead of resolving a multi-GB CUDA build. litdata depends on torchvision but never imports it;
 # PyPI's wheel does not load beside the CPU torch 2.13 build ("operator torchvision::nms does not exist") and
 # transformers' Llama import then fails, so it is removed again.
-# --no-compile: pip would byte-compile every module of every package (torch, transformers, prefect, ...), a minute
-# of CPU here; Python compiles the few a run imports when it imports them. KenLM's build (CPU) runs beside pip's
-# downloads and unpacking (disk and network); its output goes to .venv/kenlm.log.
+# KenLM's build (CPU) runs beside pip's downloads and unpacking (disk and network); its output goes to
+# .venv/kenlm.log. (pip's byte-compiling stays: without it, processes that write no bytecode, such as
+# multiprocessing's spawned workers here, compile torch and datatrove from source at every start.)
 .venv/.installed: pyproject.toml infra/build_kenlm.py
 	python3 -m venv .venv
 	$(MAKE) -s boost
 	$(PY) infra/build_kenlm.py > .venv/kenlm.log 2>&1 & kenlm=$$!; \
-		$(PIP) install -q --no-compile torch==2.13.0 -e '.[dev]' && \
+		$(PIP) install -q torch==2.13.0 -e '.[dev]' && \
 		wait $$kenlm || { cat .venv/kenlm.log; exit 1; }
 	$(PIP) uninstall -y -q torchvision
 	$(PY) infra/fetch_models.py

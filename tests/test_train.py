@@ -92,10 +92,25 @@ def _to_tokens(ids: list[int]):
     return torch.tensor(ids, dtype=torch.int32)
 
 
+def write_splits(folder: Path, splits: dict[str, list[list[int]]]) -> None:
+    """{folder}/{split}/: each split's documents (token ids) as litdata TokensLoader chunks, as the tokenize stage
+    writes them."""
+    from litdata import TokensLoader, optimize
+
+    for split, items in splits.items():
+        optimize(
+            fn=_to_tokens,
+            inputs=items,
+            output_dir=str(folder / split),
+            item_loader=TokensLoader(),
+            chunk_bytes="1MB",
+            num_workers=1,
+        )
+
+
 def build_token_data(root: Path) -> Path:
     """A root holding tokens/{train,val} (litdata TokensLoader chunks) and tokens/tokenizer.json: a dataset made
     outside the pipeline, which runs name with train.data."""
-    from litdata import TokensLoader, optimize
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     docs = _documents()
@@ -114,15 +129,7 @@ def build_token_data(root: Path) -> Path:
     ids = [enc.ids + [eos] for enc in tok.encode_batch(docs)]
 
     n_val = len(ids) // 10
-    for split, items in (("val", ids[:n_val]), ("train", ids[n_val:])):
-        optimize(
-            fn=_to_tokens,
-            inputs=items,
-            output_dir=str(root / "tokens" / split),
-            item_loader=TokensLoader(),
-            chunk_bytes="1MB",
-            num_workers=1,
-        )
+    write_splits(root / "tokens", {"val": ids[:n_val], "train": ids[n_val:]})
     assert (root / "tokens" / "train" / "index.json").is_file()
     return root
 
@@ -671,7 +678,6 @@ MIX = dict(max_steps=12, checkpoint_every=4, val_every=4)
 @pytest.fixture(scope="module")
 def mixture_data(token_data, tmp_path_factory) -> Path:
     """token_data plus books/{train,val} and books/tokenizer.json: other text, the same tokenizer."""
-    from litdata import TokensLoader, optimize
     from tokenizers import Tokenizer
 
     root = tmp_path_factory.mktemp("mixture") / "data"
@@ -687,15 +693,7 @@ def mixture_data(token_data, tmp_path_factory) -> Path:
     for split, blocks in (("val", 20), ("train", 40)):
         while sum(map(len, splits[split])) < blocks * 65:
             splits[split].append(ids.pop())
-    for split, items in splits.items():
-        optimize(
-            fn=_to_tokens,
-            inputs=items,
-            output_dir=str(root / "books" / split),
-            item_loader=TokensLoader(),
-            chunk_bytes="1MB",
-            num_workers=1,
-        )
+    write_splits(root / "books", splits)
     shutil.copy(root / "tokens" / "tokenizer.json", root / "books" / "tokenizer.json")
     return root
 
