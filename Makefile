@@ -49,9 +49,9 @@ redis:
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-# Three test processes on two cores, one test file each at a time (module fixtures such as the e2e stack stay
-# shared): the tests wait on servers, process starts, polling and retries for much of their time (a two-process
-# run kept 0.8 of the 2 cores busy on average), and the e2e file alone takes about 9 minutes.
+# Two test processes, one test file each at a time (module fixtures such as the e2e stack stay shared): the e2e
+# file waits on servers, polling and retries for much of its 9 minutes, which the other process fills. (Three
+# took longer: 17:41 against 15:21, their bursts of training and data stages contend for the 2 cores.)
 test: install redis chromium
 	$(PY) -m ruff check stages flows infra tests bench
-	$(PY) -m pytest -q -n 3 --dist loadfile --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15

@@ -66,10 +66,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Test files by how long they take in `make test` (longest first), the rest after them in their own order.
+LONGEST_FIRST = ("test_e2e.py", "test_train.py", "test_data_stages.py", "test_resume.py", "test_dask.py")
+
+
 def pytest_collection_modifyitems(items):
-    """The end-to-end file first (a stable sort: the order within files is kept). It is the longest, and with two
-    test processes (`make test`) it should start at once rather than be left running alone at the end."""
-    items.sort(key=lambda item: item.path.name != "test_e2e.py")
+    """The longest files first (a stable sort: the order within files is kept). With two test processes (`make
+    test`) handing out whole files, one left to start last would run alone at the end."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
 @pytest.fixture(scope="session")
