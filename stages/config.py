@@ -10,6 +10,9 @@ any working directory and inside a Prefect worker.
 
 Overrides are `{"train.max_steps": 10}` mappings (a deployment parameter) or `["train.max_steps=10"]` strings
 (the command line); string values are parsed as YAML scalars, so `10` is an int and `true` a bool.
+
+Numbers are strict (`true` is not 1, "10" is not 10). Presets and their errors are read as hostile input (a
+deployment's parameters come from anyone who can use the UI): stages/presets.py.
 """
 
 from __future__ import annotations
@@ -18,22 +21,30 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from stages import presets
+from stages.presets import ConfigError  # (raised by presets.py too; importers take it from here)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "config"
 MODEL_PRESET_DIR = PRESET_DIR / "models"
 
 
-class ConfigError(ValueError):
-    """A configuration problem, named by file and field, raised before any work starts."""
-
-
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no silent coercion (`docs_per_shard: true` would be 1, "10" would be 10)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
     # Fields that change how a stage runs, never what it outputs: left out of the stage's identity, so changing
     # them does not rebuild anything (tests check that the output is indeed the same).
     runtime_only: ClassVar[tuple[str, ...]] = ()
@@ -88,13 +99,23 @@ class UrlFilterConfig(Rule):
     extra_urls: list[str] = []
 
 
+def _nested_tuples(value):
+    """YAML and JSON have lists only: `[[2, 0.2], [3, 0.18]]` for a tuple of pairs (strict mode takes no list)."""
+    if not isinstance(value, list):
+        return value
+    return tuple(tuple(item) if isinstance(item, list) else item for item in value)
+
+
+NGramFractions = Annotated[tuple[tuple[int, float], ...], BeforeValidator(_nested_tuples)]
+
+
 class GopherRepetitionConfig(Rule):
     dup_line_frac: float | None = 0.3
     dup_para_frac: float | None = 0.3
     dup_line_char_frac: float | None = 0.2
     dup_para_char_frac: float | None = 0.2
-    top_n_grams: tuple[tuple[int, float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16))
-    dup_n_grams: tuple[tuple[int, float], ...] = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+    top_n_grams: NGramFractions = ((2, 0.2), (3, 0.18), (4, 0.16))
+    dup_n_grams: NGramFractions = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
 
 
 class GopherQualityConfig(Rule):
@@ -255,9 +276,15 @@ class DedupConfig(Strict):
     runtime_only = ("workers", "bucket_records", "redis_url")
 
     @model_validator(mode="after")
-    def _against_needs_tables(self) -> "DedupConfig":
+    def _consistent(self) -> "DedupConfig":
         if self.against and self.index != "tables":
             raise ValueError("against needs index: tables (the kept signatures are stored as band tables)")
+        if self.threshold is not None:
+            from stages.minhash import Banding  # (it imports this module)
+
+            problem = Banding.from_config(self).misses(self.threshold, self.verify)
+            if problem:
+                raise ValueError(problem)
         return self
 
 
@@ -550,28 +577,18 @@ class PipelineConfig(Strict):
         return json.dumps(data)
 
 
-def resolve_preset(preset: str | Path) -> Path:
-    """A preset name (`tiny`) or a path to a YAML file."""
-    path = Path(preset)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PRESET_DIR / f"{preset}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-        raise ConfigError(f"{path}: no such config preset (known presets: {known})")
-    return path
-
-
 def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
     if not overrides:
         return {}
     if isinstance(overrides, dict):
         return dict(overrides)
     parsed = {}
-    for item in overrides:
+    for number, item in enumerate(overrides, 1):
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        parsed[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            # (the item itself is not shown: without its `=` it may be all value, a key's value among them)
+            raise ConfigError(f"override {number} of {len(overrides)}: expected dotted.key=value")
+        parsed[key.strip()] = presets.parse_yaml(value, f"override {key.strip()}")
     return parsed
 
 
@@ -608,41 +625,49 @@ def _resolve_relative(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
-def _merge_model_preset(data: dict, path: Path) -> None:
-    """`model.preset: NAME` takes config/models/NAME.yaml as the defaults of the model section."""
+def _merge_model_preset(data: dict, path: Path, overridden: dict[str, Any]) -> None:
+    """`model.preset: NAME` takes config/models/NAME.yaml as the defaults of the model section: fields given beside it
+    in the file win. A preset chosen by override replaces the file's model instead (only fields the overrides name
+    too are kept): `model.preset=llama-1b` on tiny gives llama-1b, not tiny's dims with llama-1b's feed-forward."""
     model = data.get("model")
     if not isinstance(model, dict) or not model.get("preset"):
         return
-    preset_path = MODEL_PRESET_DIR / f"{model['preset']}.yaml"
-    if not preset_path.is_file():
-        known = ", ".join(sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml")))
-        raise ConfigError(f"{path}: model.preset: no model preset {preset_path} (known: {known})")
-    base = yaml.safe_load(preset_path.read_text()) or {}
+    if overridden.get("model.preset"):
+        model = {k: v for k, v in model.items() if k == "preset" or f"model.{k}" in overridden}
+    preset_path = presets.resolve(model["preset"], MODEL_PRESET_DIR, f"{path}: model.preset")
+    base = presets.parse_yaml(preset_path.read_text(), str(preset_path)) or {}
     if not isinstance(base, dict) or "preset" in base:
         raise ConfigError(f"{preset_path}: must be a mapping of model fields (without `preset`)")
     data["model"] = {**base, **model}
 
 
+def _check_local_root(cfg: PipelineConfig, path: Path) -> None:
+    """A local storage.root must be a folder or not exist yet: a file there (or above it) would fail mid-run."""
+    root = cfg.storage.root
+    if "://" in root and not root.startswith("file://"):
+        return
+    local = Path(root.removeprefix("file://"))
+    for existing in (p for p in (local, *local.parents) if p.exists()):
+        if not existing.is_dir():
+            raise ConfigError(f"{path}: storage.root: {existing} is a file, not a folder (give a folder to write into)")
+        return
+
+
 def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
-    path = resolve_preset(preset)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    """A preset (a name in config/ or an allowed path: stages/presets.py) with overrides applied, validated."""
+    path = presets.resolve(preset, PRESET_DIR)
+    data = presets.parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     data = copy.deepcopy(data)
     parsed = parse_overrides(overrides)
     for dotted, value in parsed.items():
         _apply_override(data, dotted, value, f"{path} (override)")
-    _merge_model_preset(data, path)
+    _merge_model_preset(data, path, parsed)
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "<root>"
-            origin = "override" if any(field == k or field.startswith(k + ".") for k in parsed) else "preset"
-            problems.append(f"{path}: {field}: {err['msg']} ({origin}, got {err.get('input')!r})")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
-    return _resolve_relative(cfg)
+        raise presets.describe(exc, PipelineConfig, str(path), set(parsed)) from None
+    cfg = _resolve_relative(cfg)
+    _check_local_root(cfg, path)
+    return cfg

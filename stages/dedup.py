@@ -328,6 +328,8 @@ def run(cfg: PipelineConfig, log: Log = print, force: Force = False) -> dict:
     def build() -> StageResult:
         banding = Banding.from_config(dc)
         threshold = dc.threshold if dc.threshold is not None else banding.implied_threshold
+        chosen = f" chosen for threshold {dc.threshold}" if dc.threshold is not None else ""
+        log(f"dedup: {banding.describe()}{chosen}{', candidates verified' if dc.verify else ''}")
         progress, work, st = Progress(out), out.path(WORK), cfg.storage
         # Earlier parts' kept shards number first, so in a cluster with one of them, one of them survives.
         n_seen = len(seen.shards)

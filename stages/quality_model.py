@@ -34,7 +34,7 @@ def _line(text: str) -> str:
 
 def examples(uris: list[str], cfg: PipelineConfig, limit: int, rng: random.Random) -> list[str]:
     """Up to `limit` texts from raw files (read as ingest reads them), sampled uniformly by reservoir."""
-    from stages.ingest import read_records
+    from stages.readers import read_records
 
     reservoir: list[str] = []
     seen = 0

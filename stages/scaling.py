@@ -43,6 +43,15 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+def model_shape(cfg: ModelConfig) -> str:
+    """The resolved model in a few words, as training announces it (a preset by override shows what it gave)."""
+    preset = f"preset {cfg.preset}: " if cfg.preset else ""
+    return (
+        f"{preset}dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.n_kv_heads or cfg.n_heads} KV heads, "
+        f"feed-forward {ffn_hidden_dim(cfg)}"
+    )
+
+
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
     if cfg.ffn_hidden_dim:
         return cfg.ffn_hidden_dim

@@ -25,6 +25,7 @@ them into artifacts; nothing here knows about Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import sys
@@ -150,6 +151,30 @@ def run_stage(
         stats = storage.read_json(output.path(storage.STATS), output.storage)
         log(f"{output.stage}: up to date at {output.uri}, skipped")
         return {**stats, "skipped": True}
+    with problems_named(output):
+        return _build(output, identity, build, log, force, token)
+
+
+@contextlib.contextmanager
+def problems_named(output: StageOutput):
+    """An endpoint that stopped answering, or a local disk that is full, read-only or refused, named with the
+    stage and the path: the finished units are kept, and the message says to rerun once it is fixed."""
+    try:
+        yield
+    except Exception as exc:
+        lost, refused = storage.unreachable(exc, output.storage), storage.unwritable(exc)
+        if lost is None and refused is None:
+            raise
+        kind, problem = ("endpoint", lost) if lost else ("unwritable", refused)
+        remedy = "the endpoint is back" if lost else "it is fixed"
+        raise storage.StorageError(
+            kind,
+            f"{output.stage}: {problem} (while building {output.uri}); the units it finished are kept, rerun "
+            f"once {remedy}",
+        ) from exc
+
+
+def _build(output: StageOutput, identity: dict, build: Callable[[], StageResult], log: Log, force: bool, token) -> dict:
     started_as = output.path(PROGRESS, "identity.json")
     if (
         not force
@@ -165,17 +190,7 @@ def run_stage(
             mark_forced(output.uri, token, output.storage)
         log(f"{output.stage}: {'rebuilding (forced)' if force else 'building'} {output.uri}")
     started = time.perf_counter()
-    try:
-        result = build()
-    except Exception as exc:
-        lost = storage.unreachable(exc, output.storage)
-        if lost is None:
-            raise
-        raise storage.StorageError(
-            "endpoint",
-            f"{output.stage}: {lost} while building {output.uri}; the units it finished are kept, rerun "
-            "once the endpoint is back",
-        ) from exc
+    result = build()
     seconds = time.perf_counter() - started
     stats = {
         "stage": output.stage,

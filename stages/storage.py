@@ -17,6 +17,7 @@ Commit protocol, shared by all stages (datatrove's completion markers, generalis
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -31,6 +32,7 @@ from typing import IO, Any
 import fsspec
 
 from stages.config import StorageConfig
+from stages.presets import redact_url
 
 MANIFEST = "manifest.json"
 STATS = "stats.json"
@@ -146,17 +148,34 @@ def atomic_write(uri: str, cfg: StorageConfig | None = None, mode: str = "wb") -
         with fs.open(path, mode) as f:
             yield f
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        # (a write or fsync that fails names no file, and the temporary's name means nothing to a user)
+        raise OSError(exc.errno, exc.strerror, path) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# A local write that cannot succeed until someone acts: named with its path and stage (`unwritable`), never retried.
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def unwritable(exc: BaseException) -> str | None:
+    """`<strerror>: <path>` when `exc` (or its cause) is a local write refused for want of room or permission."""
+    seen = exc
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno in UNWRITABLE and seen.filename):
+        seen = seen.__cause__ or seen.__context__
+    return None if seen is None else f"{seen.strerror or os.strerror(seen.errno)}: {seen.filename}"
 
 
 def write_json(uri: str, data: Any, cfg: StorageConfig | None = None) -> None:
@@ -258,7 +277,7 @@ class StageOutput:
 
 class StorageError(RuntimeError):
     """Storage that cannot be used, saying which: `kind` is endpoint (unreachable), credentials (missing or
-    rejected) or missing (no such bucket or object)."""
+    rejected), missing (no such bucket or object) or unwritable (a local disk full, read-only or refused)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -276,14 +295,14 @@ def probe_s3(uri: str, cfg: StorageConfig | None, key: str | None = None, second
     bucket, _, prefix = uri.split("://", 1)[1].partition("/")
     quick = botocore.config.Config(connect_timeout=seconds / 2, read_timeout=seconds, retries={"max_attempts": 1})
     client = boto3.client("s3", config=quick, **litdata_storage_options(cfg))
-    endpoint = effective_endpoint(cfg) or "the AWS default endpoint"
+    endpoint = shown_endpoint(cfg)
     try:
         if key is None:
             client.head_bucket(Bucket=bucket)
         else:
             client.head_object(Bucket=bucket, Key="/".join(p for p in (prefix.strip("/"), key) if p))
     except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
-        raise StorageError("endpoint", f"cannot reach the S3 endpoint {endpoint}: {exc}") from None
+        raise StorageError("endpoint", f"cannot reach the S3 endpoint {endpoint}: {redact_url(str(exc))}") from None
     except botocore.exceptions.NoCredentialsError:
         raise StorageError(
             "credentials", "no S3 credentials (storage.access_key_id/secret_access_key or AWS_*)"
@@ -313,8 +332,7 @@ def unreachable(exc: BaseException, cfg: StorageConfig | None) -> str | None:
         seen = seen.__cause__ or seen.__context__
     if seen is None:
         return None
-    endpoint = effective_endpoint(cfg) or "the AWS default endpoint"
-    return f"the S3 endpoint {endpoint} stopped answering ({seen}; {S3_ATTEMPTS} attempts)"
+    return f"the S3 endpoint {shown_endpoint(cfg)} stopped answering ({redact_url(str(seen))}; {S3_ATTEMPTS} attempts)"
 
 
 def effective_endpoint(cfg: StorageConfig | None) -> str | None:
@@ -323,6 +341,11 @@ def effective_endpoint(cfg: StorageConfig | None) -> str | None:
         or os.environ.get("AWS_ENDPOINT_URL_S3")
         or os.environ.get("AWS_ENDPOINT_URL")
     )
+
+
+def shown_endpoint(cfg: StorageConfig | None) -> str:
+    """The endpoint as errors and logs name it: without any user-info a URL may carry (`http://key:secret@host`)."""
+    return redact_url(effective_endpoint(cfg) or "the AWS default endpoint")
 
 
 def litdata_storage_options(cfg: StorageConfig | None) -> dict[str, Any]:

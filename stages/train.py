@@ -643,9 +643,10 @@ def train(cfg: PipelineConfig) -> dict:
     checkpointer = Checkpointer(cfg, run, device, loader_lib.index_digest(cfg, "train"))
     tokens_per_step = global_batch * t.seq_len
     log(
-        f"world={world} device={device.type} backend={dist.get_backend()}; model {n_params:,} parameters, vocab "
-        f"{vocab_size}, {flops_per_token:,} FLOPs/token; {max_steps} steps ({budget_source}) of {global_batch} "
-        f"sequences = {tokens_per_step:,} tokens ({accum} micro-batches of {t.micro_batch_size} per rank)"
+        f"world={world} device={device.type} backend={dist.get_backend()}; model {n_params:,} parameters "
+        f"({scaling.model_shape(cfg.model)}), vocab {vocab_size}, {flops_per_token:,} FLOPs/token; {max_steps} steps "
+        f"({budget_source}) of {global_batch} sequences = {tokens_per_step:,} tokens ({accum} micro-batches of "
+        f"{t.micro_batch_size} per rank)"
     )
 
     reader = make_reader(cfg, device)

@@ -14,7 +14,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from stages import dedup, filter, ingest, quality_model, storage, tokenize, tokenizer
+from stages import dedup, filter, ingest, quality_model, readers, storage, tokenize, tokenizer
 from stages.config import REPO_ROOT as REPO
 from stages.config import load_config
 from stages.documents import read_docs
@@ -293,7 +293,8 @@ def test_malformed_records_are_quarantined_and_every_record_is_accounted_for(tmp
     }
     docs = {d.id: d for d in docs_in(out_dir(ingest, cfg))}
     assert docs["ok-1"].url == "https://example.org/1" and docs["ok-1"].metadata == {"lang": "en"}
-    assert "a.jsonl.gz/10" in docs and docs["a.jsonl.gz/10"].text.endswith("Second.")
+    default_id = f"{tmp_path / 'a.jsonl.gz'}#line-10"  # (the full URI: unique across inputs)
+    assert default_id in docs and docs[default_id].text.endswith("Second.")
     assert any(d.url == "https://example.org/wet/0" and d.text == good for d in docs.values())
 
 
@@ -435,7 +436,7 @@ def test_reusing_word_tokenizer_gives_datatrove_tokens(small_corpus):
 
     from stages import word_tokens
 
-    records = ingest.read_records(str(small_corpus["jsonl"]), load_config("tiny"), Counter())
+    records = readers.read_records(str(small_corpus["jsonl"]), load_config("tiny"), Counter())
     texts = [r.doc.text for r in records if r.doc][:150]
     texts += ["", "  \n ", "IS_ALPHA breaks spaCy", "Dr. Smith's e-mail: a@b.co! Next line.\n東京 🚀 ok."]
     word_tokens.install()
@@ -456,7 +457,7 @@ def upper_unless_hang(text: str) -> str:
 
 def extract_with_a_timeout_between(_) -> list[str]:
     # (the timeout also bounds the child's start: 2 s was too short with another test process on the cores)
-    with ingest.RestartableSandbox(10.0) as sandbox:
+    with readers.RestartableSandbox(10.0) as sandbox:
         out = [sandbox.process_document("a", upper_unless_hang)]
         try:
             sandbox.process_document("hang", upper_unless_hang)

@@ -11,8 +11,14 @@ import yaml
 from stages import scaling
 from stages.config import MODEL_PRESET_DIR, ConfigError, load_config
 from stages.model import Transformer
+from stages.presets import CONFIG_PATH_ENV
 
 PRESETS = {"llama-1m": (4096, 1e6), "llama-10m": (32000, 1e7), "llama-100m": (32000, 1e8), "llama-1b": (128256, 1e9)}
+
+
+@pytest.fixture(autouse=True)
+def _presets_in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.setenv(CONFIG_PATH_ENV, str(tmp_path))  # (a preset by path must be inside an allowed directory)
 
 
 def preset_config(tmp_path, name: str, **model):
@@ -47,7 +53,8 @@ def test_preset_parameter_count_matches_the_model(tmp_path, name):
 def test_fields_given_beside_a_preset_win(tmp_path):
     cfg = preset_config(tmp_path, "llama-100m", n_layers=3)
     assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_kv_heads) == (768, 3, 4)
-    with pytest.raises(ConfigError, match=r"model\.preset: no model preset .*llama-7t.yaml \(known: llama-100m"):
+    missing = r"model\.preset 'llama-7t': no such file .*llama-7t.yaml \(known in .*: llama-100m"
+    with pytest.raises(ConfigError, match=missing):
         preset_config(tmp_path, "llama-7t")
 
 

@@ -531,7 +531,9 @@ def test_two_nodes_rendezvous_on_loopback(short_run, token_data, tmp_path):
     assert [m["loss"] for m in lead_metrics] == pytest.approx([m["loss"] for m in one_node[:4]], abs=1e-4)
     summaries = [r[0] for r in results.values()]
     assert all(s["steps"] == 4 and s["checkpoint"] == summaries[0]["checkpoint"] for s in summaries)
-    assert any("world=2" in line for _, lines, _ in results.values() for line in lines)
+    # the resolved model, as training starts
+    model = "(dim 64, 2 layers, 4 heads, 2 KV heads, feed-forward 192)"
+    assert any("world=2" in line and model in line for _, lines, _ in results.values() for line in lines)
 
 
 def test_divergence_guard_unit():
