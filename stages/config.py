@@ -647,10 +647,9 @@ def _check_local_root(cfg: PipelineConfig, path: Path) -> None:
     if "://" in root and not root.startswith("file://"):
         return
     local = Path(root.removeprefix("file://"))
-    for existing in (p for p in (local, *local.parents) if p.exists()):
-        if not existing.is_dir():
-            raise ConfigError(f"{path}: storage.root: {existing} is a file, not a folder (give a folder to write into)")
-        return
+    existing = next(p for p in (local, *local.parents) if p.exists())  # (the filesystem root at the latest)
+    if not existing.is_dir():
+        raise ConfigError(f"{path}: storage.root: {existing} is a file, not a folder (give a folder to write into)")
 
 
 def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:

@@ -98,7 +98,6 @@ def ingest_file(unit: str, job: tuple[int, str], cfg: PipelineConfig, out_uri: s
         "quarantined": dict(quarantined),
         "skipped": dict(skipped),
         "files": files,
-        "shards": list(writer.files),
     }
     progress.mark(unit, result)
     return result
@@ -124,7 +123,8 @@ def repeated_ids(out_uri: str, units: list[str], results: list[dict], cfg: Pipel
 
 def _id_at(out_uri: str, result: dict, doc: int, cfg: PipelineConfig) -> str:
     shard, row = divmod(doc, cfg.ingest.docs_per_shard)
-    for n, (doc_id, _) in enumerate(read_texts(storage.join(out_uri, result["shards"][shard]), cfg.storage)):
+    shards = [name for name in result["files"] if name.endswith(".parquet")]  # (in the order they were written)
+    for n, (doc_id, _) in enumerate(read_texts(storage.join(out_uri, shards[shard]), cfg.storage)):
         if n == row:
             return doc_id
     raise IndexError(f"{result['uri']}: no document {doc}")

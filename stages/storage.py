@@ -172,10 +172,16 @@ UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM
 
 def unwritable(exc: BaseException) -> str | None:
     """`<strerror>: <path>` when `exc` (or its cause) is a local write refused for want of room or permission."""
-    seen = exc
-    while seen is not None and not (isinstance(seen, OSError) and seen.errno in UNWRITABLE and seen.filename):
-        seen = seen.__cause__ or seen.__context__
+    seen = _in_chain(exc, lambda e: isinstance(e, OSError) and e.errno in UNWRITABLE and bool(e.filename))
     return None if seen is None else f"{seen.strerror or os.strerror(seen.errno)}: {seen.filename}"
+
+
+def _in_chain(exc: BaseException, matches) -> BaseException | None:
+    """The first of `exc` and its causes (or contexts) that `matches`."""
+    seen = exc
+    while seen is not None and not matches(seen):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def write_json(uri: str, data: Any, cfg: StorageConfig | None = None) -> None:
@@ -327,9 +333,7 @@ def unreachable(exc: BaseException, cfg: StorageConfig | None) -> str | None:
         botocore.exceptions.ConnectTimeoutError,
         botocore.exceptions.ReadTimeoutError,
     )
-    seen = exc
-    while seen is not None and not isinstance(seen, lost):
-        seen = seen.__cause__ or seen.__context__
+    seen = _in_chain(exc, lambda e: isinstance(e, lost))
     if seen is None:
         return None
     return f"the S3 endpoint {shown_endpoint(cfg)} stopped answering ({redact_url(str(seen))}; {S3_ATTEMPTS} attempts)"
