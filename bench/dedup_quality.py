@@ -30,10 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.stage_times import write_section  # noqa: E402
-from stages import dedup, filter  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.documents import Doc, ShardWriter  # noqa: E402
-from stages.minhash import shingles  # noqa: E402
+from stages.core.config import load_config  # noqa: E402
+from stages.core.documents import Doc, ShardWriter  # noqa: E402
+from stages.dedup.minhash import shingles  # noqa: E402
+from stages.dedup.units import REMOVED
+from stages.pipeline import PIPELINE
 
 SAMPLE = REPO / "data" / "sample"
 SECTION = "## Near-dedup quality"
@@ -74,7 +75,7 @@ def make_variant(text: str, donor: str, rng: random.Random) -> str:
 def commit_as_filtered(texts: list[str], root: str, docs_per_shard: int = 500) -> list[str]:
     """The texts as the filter stage's committed output; returns each position's document id."""
     cfg = load_config("tiny", {"storage.root": root})
-    out = filter.output(cfg)
+    out = PIPELINE.output("filter", cfg)
     ids = [f"doc-{i:06d}" for i in range(len(texts))]
     with ShardWriter(out.uri, "part", docs_per_shard) as writer:
         for doc_id, text in zip(ids, texts):
@@ -87,7 +88,7 @@ def clusters_found(root: str) -> dict[str, str]:
     """Removed document id -> the id of the survivor it was removed for."""
     folder = Path(root) / "dedup"
     ids = {}
-    listed = [r for f in sorted((folder / dedup.REMOVED).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    listed = [r for f in sorted((folder / REMOVED).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     filtered = Path(root) / "filter"
     for shard in sorted(filtered.glob("part-*.parquet")):
         ids[shard.name] = pq.read_table(shard, columns=["id"]).column("id").to_pylist()
@@ -119,7 +120,7 @@ def measure(pairs: int, seed: int = 0) -> dict:
         with tempfile.TemporaryDirectory() as root:
             ids = commit_as_filtered(shuffled, root)
             cfg = load_config("tiny", {"storage.root": root, "dedup.workers": 2, **overrides})
-            stats = dedup.run(cfg, log=lambda _: None)
+            stats = PIPELINE.run("dedup", cfg, log=lambda _: None)
             survivor_of = clusters_found(root)
         nominal = cfg.dedup.threshold or stats["lsh"]["implied_threshold"]
         cluster_of = {i: survivor_of.get(doc_id, doc_id) for i, doc_id in enumerate(ids)}

@@ -38,9 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.stage_times import machine, write_section  # noqa: E402
-from stages import filter  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.documents import Doc, ShardWriter  # noqa: E402
+from stages.core.config import load_config  # noqa: E402
+from stages.core.documents import Doc, ShardWriter  # noqa: E402
+from stages.filter import stage as filter  # noqa: E402
 
 SECTION = "## Near-dedup throughput and memory"
 SAMPLE = REPO / "data" / "sample"
@@ -49,10 +49,10 @@ SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 OURS = """
 import sys
-from stages import dedup
-from stages.config import load_config
+from stages.dedup import stage as dedup
+from stages.core.config import load_config
 cfg = load_config("tiny", {"storage.root": sys.argv[1], "dedup.workers": 2})
-stats = dedup.run(cfg, log=lambda _: None)
+stats = PIPELINE.run("dedup", cfg, log=lambda _: None)
 print("RESULT", stats["docs_in"], stats["docs_out"])
 """
 

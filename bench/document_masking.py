@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.stage_times import machine, write_section  # noqa: E402
 from bench.train_throughput import prepare  # noqa: E402
-from stages import loader as loader_lib  # noqa: E402
-from stages.launch import tokenizer_vocab_size  # noqa: E402
-from stages.model import Transformer, document_ids  # noqa: E402
-from stages.train import keep_freed_memory  # noqa: E402
+from stages.train import loader as loader_lib  # noqa: E402
+from stages.train.data import tokenizer_vocab_size  # noqa: E402
+from stages.train.model import Transformer, document_ids  # noqa: E402
+from stages.train.worker import keep_freed_memory  # noqa: E402
 
 SECTION = "## Document masking against plain causal packing"
 
@@ -58,7 +58,7 @@ def measure(seq_lens: list[int], steps: int, repeats: int, batch_tokens: int) ->
     keep_freed_memory()  # as the trainer does on CPU
     from tokenizers import Tokenizer
 
-    from stages.launch import tokenizer_uri
+    from stages.train.data import tokenizer_uri
 
     eos_id = Tokenizer.from_file(tokenizer_uri(cfg)).token_to_id(cfg.tokenizer.eos_token)
     vocab = tokenizer_vocab_size(cfg)

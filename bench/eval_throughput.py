@@ -1,9 +1,9 @@
-"""Evaluation tokens/s: the in-process LM (stages/evaluate.py) against lm-eval's `hf` backend on the export.
+"""Evaluation tokens/s: the in-process LM (stages/evaluate/stage.py) against lm-eval's `hf` backend on the export.
 
     .venv/bin/python bench/eval_throughput.py [--docs 200] [--repeats 3] [--write]
 
 The tiny preset's pipeline on the bundled sample (outputs/bench-train, reused when its manifests match) gives a
-trained checkpoint; stages/export.py turns it into a LlamaForCausalLM directory. The documents scored are all
+trained checkpoint; stages/tools/export.py turns it into a LlamaForCausalLM directory. The documents scored are all
 the deduplicated ones (up to --docs; the sample's validation split alone is a handful). Then, alternating in one run,
 `lm_eval.simple_evaluate` on the same rendered tasks (heldout_ppl: loglikelihood_rolling; heldout_mc:
 loglikelihood) with the same batch size, once with `PipelineLM` and once with lm-eval's `HFLM` over the export,
@@ -24,9 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.stage_times import machine, write_section  # noqa: E402
-from stages import checkpoints, dedup, evaluate, export, filter, ingest, launch, tokenize, tokenizer  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.documents import read_docs  # noqa: E402
+from stages.core.config import load_config  # noqa: E402
+from stages.core.documents import read_docs  # noqa: E402
+from stages.evaluate import lm as harness
+from stages.evaluate import tasks as eval_tasks
+from stages.pipeline import PIPELINE
+from stages.tools import export
+from stages.train import checkpoints
 
 SECTION = "## Evaluation throughput against lm-eval's hf backend"
 TASKS = ["heldout_ppl", "heldout_mc"]
@@ -39,20 +43,20 @@ def timed_eval(model, include: Path, batch_size: int) -> tuple[float, dict]:
     results = lm_eval.simple_evaluate(
         model=model,
         tasks=TASKS,
-        task_manager=evaluate._task_manager(include, TASKS),
+        task_manager=eval_tasks._task_manager(include, TASKS),
         batch_size=batch_size,
         log_samples=False,
         bootstrap_iters=0,
     )
-    return time.perf_counter() - started, evaluate.summarize(results)
+    return time.perf_counter() - started, eval_tasks.summarize(results)
 
 
 def measure(docs: int, repeats: int) -> dict:
     cfg = load_config("tiny", {"storage.root": str(REPO / "outputs" / "bench-train"), "evaluate.max_docs": docs})
-    for stage in (ingest, filter, dedup, tokenizer, tokenize):
-        stage.run(cfg, log=lambda _: None)
-    launch.run_training(cfg, on_line=lambda _: None)
-    step, ckpt, meta = checkpoints.latest_checkpoint(launch.run_uri(cfg))
+    for stage in PIPELINE.dataset_part:
+        PIPELINE.run(stage.name, cfg, log=lambda _: None)
+    PIPELINE.run("train", cfg, log=lambda _: None)
+    step, ckpt, meta = checkpoints.latest_checkpoint(PIPELINE.output("train", cfg).uri)
     from lm_eval.models.huggingface import HFLM
 
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
@@ -61,14 +65,14 @@ def measure(docs: int, repeats: int) -> dict:
         # The sample's validation split is a handful of documents: score every deduplicated document instead.
         docs_uri = tmp / "docs.jsonl"
         with open(docs_uri, "w") as f:
-            for shard in sorted(Path(dedup.output(cfg).uri).glob("part-*.parquet")):
+            for shard in sorted(Path(PIPELINE.output("dedup", cfg).uri).glob("part-*.parquet")):
                 for doc in read_docs(str(shard)):
                     f.write(json.dumps({"id": doc.id, "text": doc.text}) + "\n")
-        include, _, n_docs = evaluate.prepare_tasks(cfg, str(docs_uri), tmp)
+        include, _, n_docs = eval_tasks.prepare_tasks(cfg, str(docs_uri), tmp)
         batch = cfg.evaluate.batch_size
-        ours = evaluate.PipelineLM(
-            evaluate.load_model(ckpt, meta),
-            evaluate.load_tokenizer(meta["tokenizer_uri"]),
+        ours = harness.PipelineLM(
+            harness.load_model(ckpt, meta),
+            harness.load_tokenizer(meta["tokenizer_uri"]),
             max_length=cfg.train.seq_len,
             batch_size=batch,
         )

@@ -31,18 +31,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.stage_times import machine, write_section  # noqa: E402
-from stages import ingest  # noqa: E402
-from stages.config import load_config  # noqa: E402
+from stages.core.config import load_config  # noqa: E402
+from stages.pipeline import PIPELINE
 
 SECTION = "## Filter against a plain datatrove pipeline"
 OFFLINE_LISTS = "BENCH_BADWORDS_LISTS"
 
 OURS = """
 import sys
-from stages import filter
-from stages.config import load_config
+from stages.filter import stage as filter
+from stages.core.config import load_config
 cfg = load_config("tiny", {"storage.root": sys.argv[1], "filter.workers": 2})
-filter.run(cfg, log=lambda _: None)
+PIPELINE.run("filter", cfg, log=lambda _: None)
 """
 
 
@@ -50,7 +50,7 @@ def datatrove_blocks(cfg):
     """The filter stage's rules as datatrove pipeline blocks; a document without a URL skips the URL rule."""
     from datatrove.pipeline.filters.base_filter import BaseFilter
 
-    from stages.filter import build_rules
+    from stages.filter.rules import build_rules
 
     class SkipWithoutUrl(BaseFilter):
         name = "url, unless there is none"
@@ -91,7 +91,7 @@ def run_datatrove(root: str, shards: int) -> None:
 if os.environ.get(OFFLINE_LISTS):
     # datatrove's worker processes import this file anew: point C4BadWordsFilter at the local word lists there
     # too, or it would try to download them (our filter stage does the same in its own workers)
-    from stages.filter import _local_badwords
+    from stages.filter.rules import _local_badwords
 
     _local_badwords(os.environ[OFFLINE_LISTS])
 
@@ -112,7 +112,7 @@ def kept(folder: Path) -> dict[str, str]:
 def measure(docs_per_shard: int) -> dict:
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config("tiny", {"storage.root": root, "ingest.docs_per_shard": docs_per_shard})
-        docs = ingest.run(cfg, log=lambda _: None)["docs_out"]
+        docs = PIPELINE.run("ingest", cfg, log=lambda _: None)["docs_out"]
         shards = len(list((Path(root) / "ingest").glob("part-*.parquet")))
         lists = {OFFLINE_LISTS: cfg.filter.c4_badwords.lists_dir}
         datatrove_s = run_timed([sys.executable, __file__, "--run-datatrove", root, str(shards)], lists)

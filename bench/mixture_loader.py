@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.stage_times import machine, write_section  # noqa: E402
 from bench.train_throughput import prepare  # noqa: E402
-from stages import loader as loader_lib  # noqa: E402
-from stages.mixture import Mixture, Source  # noqa: E402
+from stages.train import loader as loader_lib  # noqa: E402
+from stages.train.mixture import Mixture, Source  # noqa: E402
 
 SECTION = "## Mixture loader against the single-dataset loader"
 STEP_SECONDS = 8 * 128 / 24_000  # a tiny-preset training step on one process at micro-batch 8 (BENCHMARKS.md)

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from stages import loader as loader_lib
-from stages.config import PipelineConfig
-from stages.launch import tokenizer_vocab_size
-from stages.model import Transformer
+from stages.core.config import PipelineConfig
+from stages.train import loader as loader_lib
+from stages.train.data import tokenizer_vocab_size
+from stages.train.model import Transformer
 
 
 def all_tokens(cfg: PipelineConfig) -> np.ndarray:

@@ -31,11 +31,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.stage_times import machine, write_section  # noqa: E402
+from bench.stage_times import machine, write_section
+from stages.pipeline import PIPELINE
 
 SECTION = "## Orchestration overhead and retry latency"
 BIN = Path(sys.executable).parent
-STAGES = ("ingest", "filter", "dedup", "tokenizer", "tokenize", "train", "evaluate")
+STAGES = PIPELINE.names
 
 
 def free_port() -> int:
@@ -94,7 +95,7 @@ def retry_latency(base: str, env: dict, root: Path) -> dict:
     while not list(root.glob("train/*/step-000030/meta.json")):
         time.sleep(0.1)
     for p in psutil.process_iter(["cmdline"]):
-        if "stages.train" in (p.info["cmdline"] or []):
+        if "stages.train.worker" in (p.info["cmdline"] or []):
             p.send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=600)
     flow_run = run_id(out)

@@ -22,9 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.stage_times import machine, write_section  # noqa: E402
-from stages import filter, ingest, perplexity_model  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.documents import read_docs  # noqa: E402
+from stages.core.config import load_config  # noqa: E402
+from stages.core.documents import read_docs  # noqa: E402
+from stages.filter import perplexity_model  # noqa: E402
+from stages.pipeline import PIPELINE
 
 SECTION = "## Perplexity filter (KenLM) in the filter stage"
 
@@ -46,20 +47,20 @@ def main(argv: list[str] | None = None) -> int:
             "filter.perplexity.keep_percentile": 70,
         },
     )
-    ingest.run(plain, log=lambda _: None)
+    PIPELINE.run("ingest", plain, log=lambda _: None)
     seconds: dict[str, list[float]] = {"without": [], "with": []}
     training: list[float] = []
     stats = {}
     for _ in range(args.repeats):
         for kind, cfg in (("without", plain), ("with", scored)):
             tick = time.perf_counter()
-            stats[kind] = filter.run(cfg, log=lambda _: None, force=True)
+            stats[kind] = PIPELINE.run("filter", cfg, log=lambda _: None, force=True)
             seconds[kind].append(time.perf_counter() - tick)
             if kind == "with":  # of which: training the models and scoring the pool sample for the threshold
                 training.append(stats[kind]["perplexity"]["seconds"])
     docs_in = stats["with"]["docs_in"]
     p = stats["with"]["perplexity"]
-    out = filter.output(scored).uri
+    out = PIPELINE.output("filter", scored).uri
     model = p["models"]["en"]
     scorer = perplexity_model.Scorer(*perplexity_model.local_copies(scored, out, model))
     kept = [d.text for name in sorted(Path(out).glob("part-*.parquet")) for d in read_docs(str(name))]

@@ -19,8 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from stages import dedup, evaluate, filter, ingest, launch, tokenize, tokenizer  # noqa: E402
-from stages.config import load_config  # noqa: E402
+from stages.core.config import load_config
+from stages.pipeline import PIPELINE
 
 SECTION = "## Stage times on the sample"
 
@@ -29,21 +29,12 @@ def measure(preset: str) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config(preset, {"storage.root": root})
-        stages = [
-            ("ingest", ingest.run),
-            ("filter", filter.run),
-            ("dedup", dedup.run),
-            ("tokenizer", tokenizer.run),
-            ("tokenize", tokenize.run),
-            ("train", lambda c, log: launch.run_training(c, on_line=log)),
-            ("evaluate", evaluate.run),
-        ]
-        for name, run in stages:
+        for name in PIPELINE.names:
             started = time.perf_counter()
-            stats = run(cfg, log=lambda _: None)
+            stats = PIPELINE.run(name, cfg, log=lambda _: None)
             seconds = time.perf_counter() - started
             started = time.perf_counter()
-            again = run(cfg, log=lambda _: None)
+            again = PIPELINE.run(name, cfg, log=lambda _: None)
             skip_seconds = time.perf_counter() - started
             assert again["skipped"], f"{name} did not skip on rerun"
             rows.append({"stage": name, "seconds": seconds, "skip_seconds": skip_seconds, "stats": stats})
@@ -52,14 +43,14 @@ def measure(preset: str) -> list[dict]:
 
 def describe(row: dict) -> str:
     s = row["stats"]
-    if row["stage"] in ("ingest", "filter", "dedup"):
-        return f"{s['docs_in']} -> {s['docs_out']} docs, {s['docs_in'] / row['seconds']:.0f} docs/s"
-    if row["stage"] == "tokenizer":
-        return f"vocab {s['vocab_size']}, trained on {s['train_chars']:,} chars"
-    if row["stage"] == "tokenize":
+    if isinstance(s.get("tokens"), dict):  # (each stage by the figures it reports)
         total = sum(s["tokens"].values())
         return f"{total:,} tokens ({s['tokens']['train']:,} train), {total / row['seconds']:,.0f} tokens/s"
-    if row["stage"] == "train":
+    if "docs_out" in s:
+        return f"{s['docs_in']} -> {s['docs_out']} docs, {s['docs_in'] / row['seconds']:.0f} docs/s"
+    if "vocab_size" in s:
+        return f"vocab {s['vocab_size']}, trained on {s['train_chars']:,} chars"
+    if "steps" in s:
         return (
             f"{s['steps']} steps, loss {s['first_loss']:.2f} -> {s['final_loss']:.2f}, "
             f"{s['tokens_per_s']:,.0f} tokens/s while stepping"

@@ -13,9 +13,9 @@ committed as the dedup stage's output in shards of 10,000; the tokenizer stage t
    against evaluation texts), so the difference is what the stage adds: the split, EOS, sharding and writing
    through litdata; and once more with the tiny preset's decontamination against the held-out split;
 3. the loader: the same tokens written by the stage to a local moto S3 endpoint over HTTP, then one epoch read
-   with the trainer's loader (stages/loader.py: StreamingDataLoader, batches of micro_batch_size x (seq_len + 1),
+   with the trainer's loader (stages/train/loader.py: StreamingDataLoader, batches of micro_batch_size x (seq_len + 1),
    a fresh cache so every chunk is downloaded), against the tokens/s the tiny preset's training consumes while
-   stepping (a real 2-process run of `stages.launch.run_training` on the sample, in the same run).
+   stepping (a real 2-process run of `stages.train.stage.run_training` on the sample, in the same run).
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.dedup_scale import build_corpus  # noqa: E402
 from bench.stage_times import machine, write_section  # noqa: E402
-from stages import dedup, ingest, launch, loader, tokenize, tokenizer  # noqa: E402
-from stages import filter as filter_stage  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.documents import read_texts  # noqa: E402
+from stages.core.config import load_config  # noqa: E402
+from stages.core.documents import read_texts  # noqa: E402
+from stages.dedup import stage as dedup
+from stages.pipeline import PIPELINE
+from stages.tokenizer.bpe import FILENAME as TOKENIZER_FILE
+from stages.train import loader
 
 SECTION = "## Tokenize and loader throughput"
 REPEATS = 3
@@ -73,18 +75,17 @@ def measure_tokenize(docs: int, workers: int, root: Path) -> dict:
     build_corpus(docs, root, stage=dedup)
     base = {"storage.root": str(root), "tokenize.workers": workers}
     cfg = load_config("tiny", {**base, **NO_DECONTAMINATION})
-    tokenizer.run(cfg, log=lambda _: None)
-    shards = [
-        dedup.output(cfg).path(s) for s in sorted(dedup.output(cfg).manifest()["files"]) if s.endswith(".parquet")
-    ]
-    tokenizer_path = tokenizer.output(cfg).path(tokenizer.FILENAME)
+    PIPELINE.run("tokenizer", cfg, log=lambda _: None)
+    deduped = PIPELINE.output("dedup", cfg)
+    shards = [deduped.path(s) for s in sorted(deduped.manifest()["files"]) if s.endswith(".parquet")]
+    tokenizer_path = PIPELINE.output("tokenizer", cfg).path(TOKENIZER_FILE)
     raw_s = stage_s = float("inf")
     for _ in range(REPEATS):  # alternated, best of each: the machine's noise hits both alike
         with ProcessPoolExecutor(workers) as pool:
             raw_tokens, seconds = timed(lambda: sum(pool.map(encode_raw, [(s, tokenizer_path) for s in shards])))
         raw_s = min(raw_s, seconds)
         shutil.rmtree(root / "tokens", ignore_errors=True)
-        stats, seconds = timed(lambda: tokenize.run(cfg, log=lambda _: None))
+        stats, seconds = timed(lambda: PIPELINE.run("tokenize", cfg, log=lambda _: None))
         stage_s = min(stage_s, seconds)
     stage_tokens = sum(stats["tokens"].values()) - stats["docs_in"]  # minus one EOS per document
     decon_root = root / "decontaminated"
@@ -92,7 +93,7 @@ def measure_tokenize(docs: int, workers: int, root: Path) -> dict:
     decon_root.mkdir()
     for stage in ("dedup", "tokenizer"):
         os.symlink(root / stage, decon_root / stage)  # the same input, read in place
-    decon_stats, decon_s = timed(lambda: tokenize.run(decon, log=lambda _: None))
+    decon_stats, decon_s = timed(lambda: PIPELINE.run("tokenize", decon, log=lambda _: None))
     return {
         "docs": docs,
         "workers": workers,
@@ -131,7 +132,7 @@ def measure_loader(root: Path) -> dict:
             for path in sorted(local.rglob("*")):
                 if path.is_file():
                     client.upload_file(str(path), "bench", f"run/{stage}/{path.relative_to(local)}")
-        tokenize.run(cfg, log=lambda _: None)
+        PIPELINE.run("tokenize", cfg, log=lambda _: None)
         with tempfile.TemporaryDirectory() as cache:
             os.environ[loader.CACHE_ENV] = cache
             batches = loader.make_loader(cfg, "train", cfg.train.micro_batch_size, shuffle=True, num_workers=0)
@@ -146,9 +147,9 @@ def measure_training() -> dict:
     """The tiny preset's training on the sample: tokens/s while stepping, 2 processes."""
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config("tiny", {"storage.root": root})
-        for stage in (ingest, filter_stage, dedup, tokenizer, tokenize):
-            stage.run(cfg, log=lambda _: None)
-        stats = launch.run_training(cfg, on_line=lambda _: None)
+        for stage in PIPELINE.dataset_part:
+            PIPELINE.run(stage.name, cfg, log=lambda _: None)
+        stats = PIPELINE.run("train", cfg, log=lambda _: None)
     return {"train_tokens_per_s": stats["tokens_per_s"]}
 
 

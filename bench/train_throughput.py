@@ -6,7 +6,7 @@
 
 Data: the tiny preset's pipeline (ingest .. tokenize on the bundled sample) under outputs/bench-train, reused
 when its manifests match. Then, alternating within one run so the machine's noise hits both alike:
-- the trainer (`stages.launch.run_training`: torchrun, litdata's StreamingDataLoader, the divergence guard,
+- the trainer (`stages.train.stage.run_training`: torchrun, litdata's StreamingDataLoader, the divergence guard,
   per-step all-reduced loss and metrics) on 1 process and on 2 with each `train.data_parallel` (fsdp, ddp);
 - the baseline: nanoGPT's loop around the same `stages.model.Transformer` (same dims, init, AdamW, schedule and
   clipping), batches cut at random offsets from one in-memory token array as nanoGPT's get_batch does, and for 2
@@ -37,8 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.stage_times import machine, write_section  # noqa: E402
-from stages import dedup, filter, ingest, launch, tokenize, tokenizer  # noqa: E402
-from stages.config import PipelineConfig, load_config  # noqa: E402
+from stages.core.config import PipelineConfig, load_config  # noqa: E402
+from stages.pipeline import PIPELINE
+from stages.train import stage as launch
+from stages.train.data import tokenizer_vocab_size
 
 SECTION = "## Trainer throughput against a plain PyTorch loop"
 KEEP_SECTION = "## Trainer throughput: the plain loop with the trainer's malloc setting"
@@ -47,9 +49,9 @@ LAYOUTS = ("1", "fsdp", "ddp")  # one process; two with each train.data_parallel
 
 def prepare(preset: str, root: Path) -> PipelineConfig:
     cfg = load_config(preset, {"storage.root": str(root)})
-    for stage in (ingest, filter, dedup, tokenizer, tokenize):
-        stage.run(cfg, log=lambda _: None)
-    cfg.train.data = launch.data_uri(cfg)  # both sides read the tokenize output in place
+    for stage in PIPELINE.dataset_part:
+        PIPELINE.run(stage.name, cfg, log=lambda _: None)
+    cfg.train.data = PIPELINE.output("tokenize", cfg).uri  # both sides read the tokenize output in place
     return cfg
 
 
@@ -71,7 +73,7 @@ def run_trainer(cfg: PipelineConfig, nproc: int, steps: int, skip: int) -> float
     return steady_tokens_per_s(records, skip)
 
 
-# glibc's tunables for what stages.train.keep_freed_memory sets with mallopt (--plain-loop-keeps-memory)
+# glibc's tunables for what stages.train.worker.keep_freed_memory sets with mallopt (--plain-loop-keeps-memory)
 KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
@@ -92,9 +94,9 @@ def measure(
 ) -> dict:
     root = REPO / "outputs" / "bench-train"
     cfg = prepare(preset, root)
-    from stages.scaling import count_params, flops_per_token
+    from stages.train.scaling import count_params, flops_per_token
 
-    vocab = launch.tokenizer_vocab_size(cfg)
+    vocab = tokenizer_vocab_size(cfg)
     runs: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
     for _ in range(repeats):
         for micro in micro_batches:
@@ -192,8 +194,8 @@ def table(r: dict, command: str, steps: int, skip: int, keep_memory: bool = Fals
         "one device; sharding is what lets a model outgrow one, which DDP cannot.",
         "",
         "MFU = FLOPs per token x tokens/s / (peak FLOP/s per device x devices), FLOPs per token = 6 x (attention and "
-        "feed-forward weights + output projection) + 12 x layers x seq_len x dim (PaLM's formula; `stages/scaling.py`"
-        "). A CPU has no peak in the table, so the trainer reports achieved FLOP/s there.",
+        "feed-forward weights + output projection) + 12 x layers x seq_len x dim (PaLM's formula; "
+        "`stages/train/scaling.py`). A CPU has no peak in the table, so the trainer reports achieved FLOP/s there.",
         "",
         "Expected on GPUs: 35-45% MFU for the 100M-1B presets on A100/H100 in bf16 with FSDP2 and torch.compile, "
         "the range torchtitan reports for Llama 3 8B on H100 (about 38-40% before float8) and nanoGPT's 124M "

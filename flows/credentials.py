@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect_aws import AwsCredentials
 from pydantic import SecretStr
 
-from stages.config import ConfigError, PipelineConfig
+from stages.core.config import ConfigError, PipelineConfig
 
 
 def resolve_credentials(cfg: PipelineConfig) -> PipelineConfig:

@@ -11,11 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.credentials import resolve_credentials
-from flows.pretrain import evaluate_task
-from stages.config import REPO_ROOT, load_config
+from flows.locks import output_lock
+from flows.pretrain import report
+from stages import pipeline
+from stages.core.config import REPO_ROOT, PipelineConfig, load_config
+from stages.evaluate.stage import evaluate
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(cfg: PipelineConfig, checkpoint: str) -> dict:
+    log = get_run_logger().info
+    with output_lock("evaluate", checkpoint, log):
+        stats = evaluate(cfg, None, log, checkpoint=checkpoint)
+    return report(pipeline.PIPELINE["evaluate"], cfg, stats)
 
 
 @flow(name="evaluate")

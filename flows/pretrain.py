@@ -1,11 +1,13 @@
-"""The `pretrain` flow: one Prefect task per stage, named after it, so the UI's graph reads as the pipeline.
+"""The `pretrain` flow: one Prefect task per stage of stages/pipeline.py, named after it, so the UI's graph reads as
+the pipeline, with an edge from each stage to those that read its output.
 
-Thin by design: every task calls a stage's `run` from `stages/`, sends its log lines to the Prefect logger,
-and turns the stats the stage returns into a table artifact. Skipping finished work is the stages' job (their
-manifests), not Prefect's result cache, so a rerun from the UI, the CLI or a plain Python call behaves the
-same. Each task holds its output's lock (flows/locks.py) while it builds, so two runs of one config at once
-build each output once: the second waits, then skips it. The config is loaded and the inputs checked before the
-first task, so a bad config fails before any work starts.
+Thin by design, and written once for every stage: a task resolves its stage's inputs, holds its output's lock
+(flows/locks.py) while the stage runs, sends the stage's log lines to the Prefect logger and its progress to a
+progress artifact, and turns the stats the stage returns into a table artifact (plus what the stage asks to show:
+`Stage.artifacts`). Skipping finished work is the stages' job (their manifests), not Prefect's result cache, so a
+rerun from the UI, the CLI or a plain Python call behaves the same. Two runs of one config at once build each
+output once: the second waits, then skips it. The config is loaded and the inputs checked before the first task,
+so a bad config fails before any work starts.
 """
 
 from __future__ import annotations
@@ -28,23 +30,11 @@ from prefect.runtime import flow_run as flow_run_context
 
 from flows.credentials import resolve_credentials
 from flows.locks import output_lock
-from stages import (
-    budget,
-    dedup,
-    evaluate,
-    filter,
-    ingest,
-    launch,
-    plan,
-    samples,
-    storage,
-    tokenize,
-    tokenizer,
-    train_report,
-)
-from stages.config import PipelineConfig, load_config
-from stages.preflight import preflight
-from stages.stage import Force
+from stages import pipeline
+from stages.core.config import PipelineConfig, load_config
+from stages.core.stage import Artifact, Force, Stage
+from stages.tools import budget, plan
+from stages.tools.preflight import preflight
 
 
 def _rows(stats: dict, prefix: str = "") -> list[dict[str, str]]:
@@ -59,132 +49,120 @@ def _rows(stats: dict, prefix: str = "") -> list[dict[str, str]]:
     return rows
 
 
-def _report(stage: str, stats: dict) -> dict:
+def _show(artifact: Artifact) -> None:
+    if artifact.kind == "table":
+        create_table_artifact(key=artifact.key, table=artifact.content, description=artifact.description)
+    elif artifact.kind == "markdown":
+        create_markdown_artifact(key=artifact.key, markdown=artifact.content, description=artifact.description)
+    elif artifact.kind == "image":
+        data_uri = "data:image/png;base64," + base64.b64encode(artifact.content).decode()
+        create_image_artifact(image_url=data_uri, key=artifact.key, description=artifact.description)
+    else:
+        raise ValueError(f"artifact {artifact.key}: unknown kind {artifact.kind!r}")
+
+
+def report(stage: Stage, cfg: PipelineConfig, stats: dict) -> dict:
+    """The stats to the log and as a table artifact, then what else the stage shows."""
     logger = get_run_logger()
-    logger.info("%s stats: %s", stage, json.dumps(stats, sort_keys=True, default=str))
-    create_table_artifact(key=f"{stage}-stats", table=_rows(stats), description=f"{stage}: what the stage did")
+    logger.info("%s stats: %s", stage.name, json.dumps(stats, sort_keys=True, default=str))
+    create_table_artifact(key=f"{stage.name}-stats", table=_rows(stats), description=f"{stage.name}: what it did")
+    for artifact in stage.artifacts(cfg, stats):
+        _show(artifact)
     return stats
 
 
-def _stage_task(stage):
-    name = stage.__name__.rsplit(".", 1)[-1]
+class ProgressBar:
+    """A progress artifact that follows a stage's work (steps, units), updated at most every `interval` seconds."""
 
-    @task(name=name, cache_policy=NO_CACHE)
-    def run_stage_task(cfg: PipelineConfig, force: Force = False) -> dict:
-        log = get_run_logger().info
-        with output_lock(name, stage.output(cfg).uri, log):  # (its upstream is built: the version is known)
-            stats = stage.run(cfg, log=log, force=force)
-        return _report(name, stats)
-
-    return run_stage_task
-
-
-ingest_task = _stage_task(ingest)
-filter_task = _stage_task(filter)
-dedup_task = _stage_task(dedup)
-tokenizer_task = _stage_task(tokenizer)
-tokenize_task = _stage_task(tokenize)
-
-
-def report_evaluation(stats: dict) -> dict:
-    """The stats table plus a table of every metric beside the previously evaluated checkpoint's."""
-    skipped = stats.get("tasks_skipped") or "none"
-    create_table_artifact(
-        key="eval-metrics",
-        table=evaluate.compare(stats["metrics"], stats.get("previous")),
-        description=f"step {stats['step']} of {stats['checkpoint']}; skipped tasks: {skipped}",
-    )
-    return _report("evaluate", stats)
-
-
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: PipelineConfig, checkpoint: str | None = None, force: Force = False) -> dict:
-    log = get_run_logger().info
-    # one checkpoint's evaluation, or (no checkpoint given) those of every checkpoint of the config's run
-    with output_lock("evaluate", checkpoint or launch.run_uri(launch.resolved(cfg)), log):
-        stats = evaluate.run(cfg, log=log, checkpoint=checkpoint, force=force)
-    return report_evaluation(stats)
-
-
-def on_cluster_if_configured(stage_task, cfg: PipelineConfig, force: Force = False) -> dict:
-    """Run a data stage's task here, or with `cluster.dask_address` set, on that Dask cluster through
-    prefect-dask (the stage then spreads its units over the same cluster: stages/parallel.py)."""
-    if not cfg.cluster.dask_address:
-        return stage_task(cfg, force)
-    from prefect_dask import DaskTaskRunner
-
-    with DaskTaskRunner(address=cfg.cluster.dask_address) as runner:
-        return runner.submit(stage_task, {"cfg": cfg, "force": force}).result()
-
-
-class TrainingProgress:
-    """A progress artifact that follows the training steps, updated at most every `interval` seconds."""
-
-    def __init__(self, interval: float = 2.0):
-        self.interval = interval
+    def __init__(self, key: str, interval: float = 2.0):
+        self.key, self.interval = key, interval
         self.artifact_id = None
         self.last = 0.0
 
-    def __call__(self, metric: dict) -> None:
-        percent = 100.0 * metric["step"] / metric["max_steps"]
+    def __call__(self, done: int, total: int) -> None:
+        percent = 100.0 * done / max(total, 1)
         now = time.monotonic()
         if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(
-                progress=percent, key="train-progress", description="training steps done (%)"
-            )
-        elif now - self.last >= self.interval or metric["step"] == metric["max_steps"]:
+            self.artifact_id = create_progress_artifact(progress=percent, key=self.key, description="work done (%)")
+        elif now - self.last >= self.interval or done == total:
             update_progress_artifact(self.artifact_id, progress=percent)
         else:
             return
         self.last = now
 
 
-@task(name="train", cache_policy=NO_CACHE)
-def train_task(cfg: PipelineConfig, force: Force = False) -> dict:
-    log = get_run_logger().info
-    with output_lock("train", launch.run_uri(launch.resolved(cfg)), log):
-        # The torchrun children's output streams line by line into this task's log.
-        stats = launch.run_training(cfg, on_line=log, on_metric=TrainingProgress(), force=force)
-    started = time.perf_counter()
-    report = train_report.write(cfg)  # (the loss curve: matplotlib's import and drawing take a second or two)
-    stats["report_seconds"] = round(time.perf_counter() - started, 3)
-    if report["png"]:
-        data_uri = "data:image/png;base64," + base64.b64encode(report["png"]).decode()
-        create_image_artifact(image_url=data_uri, key="train-loss-curve", description=f"saved at {report['png_uri']}")
-        create_table_artifact(
-            key="train-metrics", table=train_report.metrics_table(report["records"]), description="per-step metrics"
-        )
-    if stats.get("checkpoint"):  # the final checkpoint continues a few fixed prompts: a look by a human
-        started = time.perf_counter()
-        shown = samples.run(cfg, stats["checkpoint"], log)
-        stats["samples_seconds"] = round(time.perf_counter() - started, 3)
-        create_markdown_artifact(key="train-samples", markdown=shown["markdown"], description="continuations")
-        stats["samples"] = storage.join(stats["checkpoint"], samples.SAMPLES)
-    return _report("train", stats)
+def run_stage(stage_name: str, cfg: PipelineConfig, force: Force = False) -> dict:
+    """A stage of the registry, as its task runs it (its inputs are built: its output's version is known)."""
+    stages = pipeline.PIPELINE
+    stage, log = stages[stage_name], get_run_logger().info
+    upstream = stages.upstream(stage_name, cfg)
+    with output_lock(stage_name, stage.lock_uri(cfg, upstream), log):
+        stats = stage.run(cfg, upstream, log=log, force=force, progress=ProgressBar(f"{stage_name}-progress"))
+    return report(stage, cfg, stats)
 
 
-def funnel(stats: dict[str, dict]) -> str:
-    """Markdown table: documents and bytes from raw records to training tokens, with what each step removed."""
-    ingest, tokenize = stats["ingest"], stats["tokenize"]
-    rows = [
-        ("raw records", ingest["records_in"], "", "", ""),
-        ("ingested", ingest["docs_out"], ingest["bytes_out"], "", f"{ingest['quarantined_total']} quarantined"),
-    ]
-    for stage in ("filter", "dedup"):
-        removed = ", ".join(f"{n} {rule}" for rule, n in stats[stage]["removed"].items() if n)
-        rows.append((stage, stats[stage]["docs_out"], stats[stage]["bytes_out"], "", removed))
-    tokens = tokenize["tokens"]
-    rows.append(
-        (
-            "tokenized",
-            tokenize["docs"]["train"] - tokenize["removed"]["decontaminated"] + tokenize["docs"]["val"],
-            "",
-            f"{tokens['train']} train / {tokens['val']} val",
-            f"{tokenize['removed']['decontaminated']} decontaminated",
-        )
-    )
+_TASKS: dict[str, Any] = {}
+
+
+def stage_task(name: str):
+    """The Prefect task of stage `name` (made once per stage)."""
+    if name not in _TASKS:
+        _TASKS[name] = task(name=name, cache_policy=NO_CACHE)(_named(name))
+    return _TASKS[name]
+
+
+def _named(name: str):
+    def run_stage_task(cfg: PipelineConfig, force: Force = False) -> dict:
+        return run_stage(name, cfg, force)
+
+    run_stage_task.__name__ = run_stage_task.__qualname__ = f"run_{name}"
+    return run_stage_task
+
+
+def submit(stage: Stage, cfg: PipelineConfig, force: Force, after: list) -> tuple[dict, Any]:
+    """Run a stage's task once the tasks in `after` are done (the UI draws those edges): here, or for a stage whose
+    work splits into units with `cluster.dask_address` set, on that Dask cluster through prefect-dask (the stage
+    then spreads its units over the same cluster: stages/core/parallel.py). Its stats, and its state or future."""
+    stage_run = stage_task(stage.name)
+    if stage.units and cfg.cluster.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        with DaskTaskRunner(address=cfg.cluster.dask_address) as runner:
+            future = runner.submit(stage_run, {"cfg": cfg, "force": force}, wait_for=after)
+            return future.result(), future
+    state = stage_run(cfg, force, return_state=True, wait_for=after)
+    return state.result(), state
+
+
+def funnel(stats: dict[str, dict], stages: pipeline.Pipeline) -> str:
+    """Markdown table: documents and bytes from raw records to training tokens, with what each step removed (every
+    funnel stage reports the core keys: stages/core/stage.py)."""
+    first = stats[stages.funnel[0].name]
+    rows = [("raw records", first["docs_in"], first["bytes_in"], "", "")]
+    for stage in stages.funnel:
+        s = stats[stage.name]
+        removed = ", ".join(f"{n} {rule}" for rule, n in s["removed"].items() if n)
+        tokens = s.get("tokens")
+        shown = f"{tokens['train']} train / {tokens['val']} val" if isinstance(tokens, dict) else ""
+        rows.append((stage.funnel, s["docs_out"], s["bytes_out"], shown, removed))
     lines = ["| step | documents | bytes | tokens | removed |", "|---|---:|---:|---:|---|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def run_stages(cfg: PipelineConfig, stages: tuple[Stage, ...], forced: set[str] = frozenset(), token: str = "") -> dict:
+    """Each of `stages` in order, each task waiting on those of its inputs; the data funnel once its last row's
+    stage has run. `forced` stages rebuild, once per flow run (`token`: stages/core/stage.py forced_now)."""
+    registry = pipeline.PIPELINE
+    stats: dict[str, dict] = {}
+    runs: dict[str, Any] = {}
+    last_funnel = registry.funnel[-1].name if registry.funnel else None
+    for stage in stages:
+        after = [runs[source] for source in stage.inputs.values() if source in runs]
+        force = token if stage.name in forced else False
+        stats[stage.name], runs[stage.name] = submit(stage, cfg, force, after)
+        if stage.name == last_funnel and all(s.name in stats for s in registry.funnel):
+            create_markdown_artifact(key="data-funnel", markdown="# Data funnel\n\n" + funnel(stats, registry))
+    return stats
 
 
 @flow(name="pretrain")
@@ -194,10 +172,11 @@ def pretrain(
     force: list[str] | None = None,
     dry_run: bool = False,
 ) -> dict:
-    """`force`: stages to rebuild even when up to date (ingest, filter, dedup, tokenizer, tokenize, train,
-    evaluate). `dry_run`: only the plan (what would run and why), as an artifact and the return value."""
+    """`force`: stages to rebuild even when up to date (any of stages/pipeline.py's). `dry_run`: only the plan
+    (what would run and why), as an artifact and the return value."""
+    stages = pipeline.PIPELINE
     cfg = resolve_credentials(load_config(preset, overrides))
-    forced = set(plan.check_force(force or []))
+    forced = set(stages.check_names(force or []))
     preflight(cfg)
     logger = get_run_logger()
     logger.info("config %s, outputs under %s", cfg.name, cfg.storage.root)
@@ -207,25 +186,11 @@ def pretrain(
     create_markdown_artifact(key="plan", markdown="# Plan\n\n" + table, description="what this run does and why")
     create_markdown_artifact(
         key="compute-plan",
-        markdown="# Compute plan\n\n" + budget.markdown(budget.estimate(cfg)),
+        markdown="# Compute plan\n\n" + budget.plan_markdown(cfg),
         description="parameters, FLOPs, tokens, steps; time, cost, memory and disk (estimates)",
     )
     if dry_run:
         return {"plan": steps}
-    stats: dict[str, dict] = {}
     # A forced stage is forced once per flow run: the token (this run's id) lets a retry of it resume what its
-    # first attempt rebuilt rather than start that over (stages/stage.py: forced_now).
-    token = str(flow_run_context.id)
-
-    def force_of(stage: str) -> Force:
-        return token if stage in forced else False
-
-    stats["ingest"] = on_cluster_if_configured(ingest_task, cfg, force_of("ingest"))
-    stats["filter"] = on_cluster_if_configured(filter_task, cfg, force_of("filter"))
-    stats["dedup"] = on_cluster_if_configured(dedup_task, cfg, force_of("dedup"))
-    stats["tokenizer"] = tokenizer_task(cfg, force_of("tokenizer"))
-    stats["tokenize"] = tokenize_task(cfg, force_of("tokenize"))
-    create_markdown_artifact(key="data-funnel", markdown="# Data funnel\n\n" + funnel(stats))
-    stats["train"] = train_task(cfg, force_of("train"))
-    stats["evaluate"] = evaluate_task(cfg, force=force_of("evaluate"))
-    return stats
+    # first attempt rebuilt rather than start that over (stages/core/stage.py: forced_now).
+    return run_stages(cfg, stages.stages, forced, str(flow_run_context.id))

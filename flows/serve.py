@@ -11,7 +11,7 @@ from prefect import serve
 from flows.evaluate import evaluate_checkpoint
 from flows.pretrain import pretrain
 from flows.refresh import data_refresh
-from stages.config import load_config
+from stages.core.config import load_config
 
 PRESET = "tiny"  # the embedded default; a deployment run can name another preset as a parameter
 

@@ -14,9 +14,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from infra.stack import HOST, api_url  # noqa: E402
-from stages import dedup, filter, ingest, launch, tokenize, tokenizer  # noqa: E402
-from stages.config import load_config  # noqa: E402
+from infra.stack import HOST, api_url
+from stages import pipeline
+from stages.core.config import load_config
 
 
 def main() -> int:
@@ -32,12 +32,11 @@ def main() -> int:
         print("pretrain/full failed; the UI and the log above say which stage", file=sys.stderr)
         return proc.returncode
     cfg = load_config("tiny")
-    run = launch.run_uri(cfg)
+    stages, known = pipeline.PIPELINE, {}
     print(f"Outputs under {cfg.storage.root} (one folder per version of each stage):")
-    for stage in (ingest, filter, dedup, tokenizer, tokenize):
-        out = stage.output(cfg)
-        print(f"  {out.stage:<11} {out.uri}")
-    print(f"  {'train':<11} {run}")
+    for stage in stages.stages:
+        print(f"  {stage.name:<11} {stages.output(stage.name, cfg, known).uri}")
+    run = stages.output(stages.trains, cfg, known).uri
     metrics = Path(run, "metrics.jsonl")
     if metrics.exists():
         steps = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -16,9 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages import filter, ingest, storage
-from stages.documents import read_docs
-from stages.storage import MANIFEST
+from stages.core import storage
+from stages.core.documents import read_docs
+from stages.core.storage import MANIFEST
+from stages.pipeline import PIPELINE
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
@@ -34,21 +35,21 @@ def docs_in(folder):
     return [d for name in shards for d in read_docs(str(folder / name))]
 
 
-def out_dir(stage, cfg) -> Path:
-    """The local folder of a stage module's output for `cfg` (its versioned path)."""
-    return Path(stage.output(cfg).uri)
+def out_dir(stage: str, cfg) -> Path:
+    """The local folder of a stage's output for `cfg` (its versioned path)."""
+    return Path(PIPELINE.output(stage, cfg).uri)
 
 
 def ingest_without_filtering(cfg) -> None:
     """Ingest, then commit the ingested shards as the filter stage's output, bypassing its heuristics."""
-    ingest.run(cfg, log=lambda _: None)
-    ingested, filter_out = ingest.output(cfg), filter.output(cfg)
+    PIPELINE.run("ingest", cfg, log=lambda _: None)
+    ingested, filter_out = PIPELINE.output("ingest", cfg), PIPELINE.output("filter", cfg)
     files = [n for n in ingested.manifest()["files"] if n.endswith(".parquet")]
     for name in files:
         with storage.atomic_write(filter_out.path(name)) as f:
             f.write(Path(ingested.path(name)).read_bytes())
     # (the ingest digest as its input: lineage follows it)
-    filter_out.commit({"bypassed": True, "inputs": ingested.manifest()["digest"]}, {}, {}, files)
+    filter_out.commit({"bypassed": True, "inputs": {"docs": ingested.manifest()["digest"]}}, {}, {}, files)
 
 
 def wait_for_port(port: int, seconds: float) -> None:
@@ -68,7 +69,7 @@ def free_port() -> int:
 
 
 # Test files by how long they take in `make test` (longest first), the rest after them in their own order.
-LONGEST_FIRST = ("test_e2e.py", "test_train.py", "test_data_stages.py", "test_resume.py", "test_dask.py")
+LONGEST_FIRST = ("test_e2e.py", "test_train.py", "test_pipeline.py", "test_resume.py", "test_filter.py", "test_dask.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -94,6 +95,26 @@ def small_corpus(tmp_path_factory) -> dict[str, Path]:
         for record in itertools.islice((r for r in ArchiveIterator(src) if r.rec_type == "response"), 60):
             writer.write_record(record)
     return {"jsonl": out / "docs.jsonl.gz", "parquet": out / "reference.parquet", "warc": out / "web.warc.gz"}
+
+
+@pytest.fixture(scope="session")
+def data_pipeline(small_corpus, tmp_path_factory):
+    """The data stages (a dataset part: stages/pipeline.py) run once on the small corpus, in one output root: the
+    config, the root and each stage's stats. Tests read it and may add outputs beside it, never change it."""
+    from stages.core.config import load_config
+
+    root = tmp_path_factory.mktemp("data_stages")
+    cfg = load_config(
+        "tiny",
+        {
+            "storage.root": str(root),
+            "ingest.inputs": [str(p) for p in small_corpus.values()],
+            "ingest.docs_per_shard": 100,
+            "tokenizer.vocab_size": 1000,
+        },
+    )
+    stats = {stage.name: PIPELINE.run(stage.name, cfg, log=lambda _: None) for stage in PIPELINE.dataset_part}
+    return cfg, root, stats
 
 
 @pytest.fixture(scope="session")

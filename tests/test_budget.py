@@ -1,4 +1,4 @@
-"""The compute and cost plan (stages/budget.py): its figures follow from the config, and a config that cannot run
+"""The compute and cost plan (stages/train/budget.py): its figures follow from the config, and a config that cannot run
 is rejected before any work, with the numbers."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from stages import budget, scaling
-from stages.config import ConfigError, load_config
-from stages.preflight import preflight
+from stages.core.config import ConfigError, load_config
+from stages.tools.preflight import preflight
+from stages.train import budget, scaling
 from tests.conftest import REPO
 
 # A 56B-parameter model: its state alone needs many GPUs
@@ -66,10 +66,10 @@ def test_a_batch_larger_than_the_token_budget_is_rejected(tmp_path):
 
 
 def test_command_prints_the_plan_and_fails_on_a_rejected_config(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "stages.budget", "tiny", "--set", f"storage.root={tmp_path}"],
+    ok = subprocess.run([sys.executable, "-m", "stages.tools.budget", "tiny", "--set", f"storage.root={tmp_path}"],
                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert ok.returncode == 0 and "| training FLOPs per token | 5,750,784 |" in ok.stdout, ok.stderr
     sets = [arg for item in BIG for arg in ("--set", item)]
-    bad = subprocess.run([sys.executable, "-m", "stages.budget", "tiny", *sets], capture_output=True, text=True,
+    bad = subprocess.run([sys.executable, "-m", "stages.tools.budget", "tiny", *sets], capture_output=True, text=True,
                          cwd=REPO)  # fmt: skip
     assert bad.returncode == 1 and "rejected: model.*/train.*" in bad.stderr

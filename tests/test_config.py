@@ -10,9 +10,9 @@ import traceback
 import pytest
 import yaml
 
-from stages.config import MODEL_PRESET_DIR, PRESET_DIR, REPO_ROOT, ConfigError, load_config, parse_overrides
-from stages.preflight import preflight
-from stages.presets import CONFIG_PATH_ENV
+from stages.core.config import MODEL_PRESET_DIR, PRESET_DIR, REPO_ROOT, ConfigError, load_config, parse_overrides
+from stages.core.presets import CONFIG_PATH_ENV
+from stages.tools.preflight import preflight
 
 
 def test_presets_load_with_paths_resolved():
@@ -64,7 +64,7 @@ def test_yaml_numbers_and_the_banding_a_threshold_chose(tmp_path, monkeypatch):
     cfg = load_config(preset)
     assert (cfg.train.lr, cfg.train.min_lr) == (3e-4, 1e-5)  # YAML 1.1 would have read the strings '3e-4', '1E-5'
     assert parse_overrides(["train.lr=2e-3"]) == {"train.lr": 2e-3}
-    from stages.minhash import Banding
+    from stages.core.banding import Banding
 
     chosen = Banding.from_config(cfg.dedup)
     assert chosen.num_perm <= 112 and abs(chosen.half_point - 0.9) <= 0.05
@@ -121,7 +121,7 @@ def test_a_model_preset_chosen_by_override_is_that_preset(tmp_path, monkeypatch)
     (tmp_path / "p.yaml").write_text("ingest: {inputs: [x]}\nmodel: {preset: llama-1b, n_layers: 2}\n")
     model = load_config(tmp_path / "p.yaml", {"model.dim": 1024}).model
     assert (model.dim, model.n_layers, model.n_heads) == (1024, 2, 32)
-    from stages.scaling import model_shape
+    from stages.train.scaling import model_shape
 
     assert model_shape(model) == "preset llama-1b: dim 1024, 2 layers, 32 heads, 8 KV heads, feed-forward 8192"
 
@@ -182,9 +182,9 @@ def test_no_config_error_echoes_a_secret(tmp_path, monkeypatch, capsys, caplog):
         preflight(cfg)
     assert "http://***@127.0.0.1:9" in str(err.value)
     printed.append(("preflight", "".join(traceback.format_exception(err.value))))
-    # the command line: python -m stages.budget with the typo and with a bad endpoint
+    # the command line: python -m stages.tools.budget with the typo and with a bad endpoint
     for args in (["--set", f"storage.secret_acess_key={SECRET}"], ["--set", f"storage.endpoint_url={NUMERIC_SECRET}"]):
-        run = subprocess.run([sys.executable, "-m", "stages.budget", "tiny", *args], cwd=REPO_ROOT,
+        run = subprocess.run([sys.executable, "-m", "stages.tools.budget", "tiny", *args], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
         assert run.returncode != 0 and "storage." in run.stderr + run.stdout, run.stderr
         printed.append(("budget CLI", run.stdout + run.stderr))

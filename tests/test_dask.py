@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from stages import dedup, filter, ingest
-from stages.config import load_config
-from stages.storage import MANIFEST
+from stages.core.config import load_config
+from stages.core.storage import MANIFEST
+from stages.pipeline import PIPELINE
 from tests.conftest import out_dir
 
-STAGES = (ingest, filter, dedup)  # filter with its cheap rules only: where units run is what is tested
+STAGES = [stage.name for stage in PIPELINE.stages if stage.units]  # (filter with its cheap rules only)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_data_stages_on_dask_match_local_processes(small_corpus, cluster, tmp_pa
     local = config(small_corpus, tmp_path / "local")
     remote = config(small_corpus, tmp_path / "dask", **{"cluster.dask_address": cluster.scheduler_address})
     for stage in STAGES:
-        stage.run(local, log=lambda _: None)
-        stage.run(remote, log=lambda _: None)
+        PIPELINE.run(stage, local, log=lambda _: None)
+        PIPELINE.run(stage, remote, log=lambda _: None)
         manifests = [json.loads((out_dir(stage, c) / MANIFEST).read_text()) for c in (local, remote)]
         assert manifests[0]["files"] == manifests[1]["files"] and manifests[0]["counts"] == manifests[1]["counts"]
         assert manifests[0]["identity"] == manifests[1]["identity"]  # where it ran is not part of what it is
@@ -62,17 +62,17 @@ def test_flow_submits_data_stages_to_the_cluster_with_prefect_dask(small_corpus,
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pretrain import ingest_task, on_cluster_if_configured
+    from flows.pretrain import submit
 
     cfg = config(small_corpus, tmp_path, **{"cluster.dask_address": cluster.scheduler_address})
 
     @flow
     def ingest_on_cluster():
-        return on_cluster_if_configured(ingest_task, cfg)
+        return submit(PIPELINE["ingest"], cfg, False, [])[0]
 
     before = set(units_run_by(cluster))
     with prefect_test_harness(server_startup_timeout=60):
         stats = ingest_on_cluster()
-    assert stats["docs_out"] > 0 and (out_dir(ingest, cfg) / MANIFEST).is_file()
+    assert stats["docs_out"] > 0 and (out_dir("ingest", cfg) / MANIFEST).is_file()
     ran = units_run_by(cluster) - before
-    assert "run_stage_task" in ran, ran  # the Prefect task itself ran on a Dask worker (flows/pretrain.py)
+    assert "run_ingest" in ran, ran  # the Prefect task itself ran on a Dask worker (flows/pretrain.py)

@@ -13,9 +13,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from stages import dedup, minhash
-from stages.config import load_config
-from stages.storage import MANIFEST
+from stages.core.config import load_config
+from stages.core.storage import MANIFEST
+from stages.dedup import minhash
+from stages.dedup import stage as dedup
+from stages.dedup.units import REMOVED
+from stages.pipeline import PIPELINE
 from tests.conftest import SAMPLE, docs_in, free_port, ingest_without_filtering, out_dir, wait_for_port
 
 
@@ -46,15 +49,15 @@ def test_exact_and_near_copies_removed_keeping_the_first(tmp_path):
     unrelated = " ".join(f"word{i} other{i * 7}" for i in range(40))
     rows = [("a", base), ("b", unrelated), ("c", near), ("d", base.upper()), ("e", near)]
     cfg = corpus(tmp_path, rows)
-    s = dedup.run(cfg, log=lambda _: None)
-    kept = [d.id for d in docs_in(out_dir(dedup, cfg))]
+    s = PIPELINE.run("dedup", cfg, log=lambda _: None)
+    kept = [d.id for d in docs_in(out_dir("dedup", cfg))]
     assert kept == ["a", "b"]
     assert s["removed"] == {"exact": 2, "near": 1}  # d (case-folded copy of a) and e exact; c near
     assert s["cluster_size_histogram"] == {"4": 1}  # a, c, d, e: one cluster, a the earliest survives
     assert s["lsh"]["bands"] == 14 and s["lsh"]["rows"] == 8 and s["lsh"]["implied_threshold"] == 0.719
     assert s["docs_in"] == 5 and s["docs_out"] == 2 and s["bytes_out"] < s["bytes_in"]
-    assert not (out_dir(dedup, cfg) / dedup.WORK).exists()  # scratch removed after the commit
-    listed = pq.read_table(next((out_dir(dedup, cfg) / dedup.REMOVED).glob("*.parquet"))).to_pylist()
+    assert not (out_dir("dedup", cfg) / dedup.WORK).exists()  # scratch removed after the commit
+    listed = pq.read_table(next((out_dir("dedup", cfg) / REMOVED).glob("*.parquet"))).to_pylist()
     assert {(r["id"], r["kind"], r["survivor_row"]) for r in listed} == {("c", "near", 0), ("d", "exact", 0),
                                                                        ("e", "exact", 0)}  # fmt: skip
 
@@ -98,7 +101,7 @@ def copy_upstream(cfg, run_cfg) -> None:
 
 
 def removed_variants(cfg) -> set[int]:
-    kept = {d.id for d in docs_in(out_dir(dedup, cfg))}
+    kept = {d.id for d in docs_in(out_dir("dedup", cfg))}
     assert all(d.startswith("var-") for d in {f"base-{i:03d}" for i in range(80)} - kept)  # bases always survive
     return {i for i in range(80) if f"var-{i:03d}" not in kept}
 
@@ -110,8 +113,8 @@ def test_verification_keeps_only_pairs_at_the_threshold(planted, tmp_path):
     verified_cfg = with_root(cfg, tmp_path / "verified", threshold=0.8, verify=True)
     for run_cfg in (plain_cfg, verified_cfg):
         copy_upstream(cfg, run_cfg)
-    plain = dedup.run(plain_cfg, log=lambda _: None)
-    verified = dedup.run(verified_cfg, log=lambda _: None)
+    plain = PIPELINE.run("dedup", plain_cfg, log=lambda _: None)
+    verified = PIPELINE.run("dedup", verified_cfg, log=lambda _: None)
     assert any(similarity[i] < 0.8 for i in removed_variants(plain_cfg))  # the S-curve lets some in
     found = removed_variants(verified_cfg)
     # precision by construction: no pair below the threshold is joined ...
@@ -131,8 +134,8 @@ def test_output_is_the_same_however_the_work_is_split(planted, tmp_path):
     manifests = {}
     for name, run_cfg in runs.items():
         copy_upstream(cfg, run_cfg)
-        stats = dedup.run(run_cfg, log=lambda _: None)
-        manifests[name] = json.loads((out_dir(dedup, run_cfg) / MANIFEST).read_text())
+        stats = PIPELINE.run("dedup", run_cfg, log=lambda _: None)
+        manifests[name] = json.loads((out_dir("dedup", run_cfg) / MANIFEST).read_text())
         manifests[name]["key_ranges"] = stats["lsh"]["key_ranges"]
     one, many = manifests.values()
     assert one["key_ranges"] == 1 and many["key_ranges"] > 8
@@ -145,8 +148,8 @@ def test_against_earlier_parts_removes_what_they_kept_and_never_their_documents(
     found through their stored signature index; the earlier parts are read, never changed."""
     texts, rng = sample_texts()[:9], random.Random(3)
     first = corpus(tmp_path / "a", [(f"a{i}", t) for i, t in enumerate(texts[:6])])
-    dedup.run(first, log=lambda _: None)
-    first_out = out_dir(dedup, first)
+    PIPELINE.run("dedup", first, log=lambda _: None)
+    first_out = out_dir("dedup", first)
     manifest = json.loads((first_out / MANIFEST).read_text())
     assert [n for n in manifest["files"] if n.startswith(f"{dedup.SIGNATURES}/")] == [
         "signatures/part-0000-00000-00000.bin",
@@ -161,12 +164,12 @@ def test_against_earlier_parts_removes_what_they_kept_and_never_their_documents(
         ("b5", variant(texts[7], 0.01, rng)),
     ]
     second = corpus(tmp_path / "b", rows, **{"dedup.against": [str(first_out)]})
-    s = dedup.run(second, log=lambda _: None)
-    second_out = out_dir(dedup, second)
+    s = PIPELINE.run("dedup", second, log=lambda _: None)
+    second_out = out_dir("dedup", second)
     assert [d.id for d in docs_in(second_out)] == ["b2", "b3"]
     assert s["removed"] == {"exact": 2, "near": 2} and s["docs_in"] == 6
     assert s["seen_before"] == {"parts": 1, "docs": 6, "removed": 2}
-    listed = {r["id"]: r for r in pq.read_table(next((second_out / dedup.REMOVED).glob("*.parquet"))).to_pylist()}
+    listed = {r["id"]: r for r in pq.read_table(next((second_out / REMOVED).glob("*.parquet"))).to_pylist()}
     assert listed["b0"]["kind"] == "exact" and listed["b0"]["survivor_shard"].startswith(str(first_out))
     assert (listed["b1"]["kind"], listed["b1"]["survivor_row"]) == ("near", 1)
     assert [d.id for d in docs_in(first_out)] == [f"a{i}" for i in range(6)]  # untouched
@@ -175,14 +178,14 @@ def test_against_earlier_parts_removes_what_they_kept_and_never_their_documents(
     # A third part against both: whatever either kept is removed, the rest kept.
     rows = [("c0", texts[7]), ("c1", texts[2]), ("c2", texts[8])]
     third = corpus(tmp_path / "c", rows, **{"dedup.against": [str(first_out), str(second_out)]})
-    s = dedup.run(third, log=lambda _: None)
-    assert [d.id for d in docs_in(out_dir(dedup, third))] == ["c2"]
+    s = PIPELINE.run("dedup", third, log=lambda _: None)
+    assert [d.id for d in docs_in(out_dir("dedup", third))] == ["c2"]
     assert s["seen_before"] == {"parts": 2, "docs": 8, "removed": 2}
 
     # An earlier output that is not a finished dedup output is named.
     missing = corpus(tmp_path / "d", rows, **{"dedup.against": [str(tmp_path / "nothing")]})
     with pytest.raises(ValueError, match=r"dedup.against: .*nothing is not a finished dedup output"):
-        dedup.run(missing, log=lambda _: None)
+        PIPELINE.run("dedup", missing, log=lambda _: None)
 
 
 def test_bucket_pairs_folds_exact_copies_and_gives_all_pairs_for_verification():
@@ -229,10 +232,10 @@ def test_redis_index_shared_by_workers_finds_the_same_duplicates(planted, redis_
     shared = with_root(cfg, tmp_path / "redis", workers=2, index="redis", redis_url=redis_server)
     for run_cfg in (tables, shared):
         copy_upstream(cfg, run_cfg)
-    on_tables = dedup.run(tables, log=lambda _: None)
-    on_redis = dedup.run(shared, log=lambda _: None)
+    on_tables = PIPELINE.run("dedup", tables, log=lambda _: None)
+    on_redis = PIPELINE.run("dedup", shared, log=lambda _: None)
     assert on_redis["lsh"]["index"] == "redis" and on_redis["phase_seconds"]["redis_query"] >= 0
     assert on_redis["removed"] == on_tables["removed"] and on_redis["removed"]["near"] > 0
-    assert [d.id for d in docs_in(out_dir(dedup, shared))] == [d.id for d in docs_in(out_dir(dedup, tables))]
+    assert [d.id for d in docs_in(out_dir("dedup", shared))] == [d.id for d in docs_in(out_dir("dedup", tables))]
     client = redis.Redis.from_url(redis_server)
     assert not list(client.scan_iter(match="dedup-*"))  # the run's keys are removed once its pairs are read

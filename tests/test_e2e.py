@@ -20,12 +20,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stages import dedup, failpoints, filter, ingest, launch, tokenize, tokenizer
-from stages.config import load_config
-from stages.storage import MANIFEST
+from stages.core import failpoints
+from stages.core.config import load_config
+from stages.core.storage import MANIFEST
+from stages.pipeline import PIPELINE
+from stages.train.stage import child_config_json
 from tests.conftest import BIN, REPO, docs_in, free_port, out_dir
 
-STAGES = ["ingest", "filter", "dedup", "tokenizer", "tokenize", "train", "evaluate"]
+DATA = [stage.name for stage in PIPELINE.dataset_part]  # the stages training depends on
 # The S3 credentials of the stack's flow runs (moto takes any): distinctive, so a scan can tell they leaked nowhere.
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 COMPLETED: dict[str, str] = {}  # flow runs later tests look at, by the test that made them
@@ -105,6 +107,13 @@ def task_states(stack, flow_run_id: str) -> dict[str, str]:
     return {run["name"].rsplit("-", 1)[0]: run["state"]["type"] for run in runs}
 
 
+def task_edges(stack, flow_run_id: str) -> dict[str, set[str]]:
+    """For each task, the tasks it waited for: the edges the UI's graph draws."""
+    runs = api(stack["api"], "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    names = {run["id"]: run["name"].rsplit("-", 1)[0] for run in runs}
+    return {names[run["id"]]: {names[i["id"]] for i in run["task_inputs"].get("wait_for", [])} for run in runs}
+
+
 def flow_run_logs(stack, flow_run_id: str, seconds: float = 60) -> list[str]:
     """Every log line of a flow run that has ended. Its state is final before the run's last log batch reaches the
     server (Prefect ships logs every 2 s), so this waits for the flow's own closing line first."""
@@ -136,7 +145,7 @@ def training_processes(stack) -> list[psutil.Process]:
     found = []
     for process in serve.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if "stages.train" in process.cmdline():
+            if "stages.train.worker" in process.cmdline():
                 found.append(process)
     return found
 
@@ -161,11 +170,11 @@ def artifacts(stack, flow_run_id: str) -> dict[str, dict]:
 
 def assert_run_completed(stack, flow_run_id: str) -> None:
     states = task_states(stack, flow_run_id)
-    assert {name: states.get(name) for name in STAGES} == {name: "COMPLETED" for name in STAGES}
+    assert {name: states.get(name) for name in PIPELINE.names} == {name: "COMPLETED" for name in PIPELINE.names}
     found = artifacts(stack, flow_run_id)
     training = {"train-progress", "train-loss-curve", "train-metrics"}
     training |= {"train-samples"}
-    assert {f"{s}-stats" for s in STAGES} | {"data-funnel", "plan", "compute-plan"} | training <= set(found)
+    assert {f"{s}-stats" for s in PIPELINE.names} | {"data-funnel", "plan", "compute-plan"} | training <= set(found)
     assert "| steps | 60 of 2,048 tokens |" in found["compute-plan"]["data"]
     assert "- greedy: " in found["train-samples"]["data"]
     assert found["train-progress"]["type"] == "progress" and found["train-progress"]["data"] == 100.0
@@ -194,15 +203,17 @@ def test_pretrain_full_local(stack, tmp_path):
     assert wait_for_end(stack, flow_run) == "COMPLETED", server_logs(stack)
     assert_run_completed(stack, flow_run)
     logs = flow_run_logs(stack, flow_run)
-    for stage in ("ingest", "filter", "dedup", "tokenizer", "tokenize"):
+    for stage in DATA:
         assert sum(f"{stage}: up to date at" in line for line in logs) == 1, stage  # skipped by the retry only
+    # the task graph has the registry's edges: each task after those whose outputs it reads
+    assert task_edges(stack, flow_run) == {s.name: set(s.inputs.values()) for s in PIPELINE.stages}
     assert any("resumed from" in line and "step-000030" in line for line in logs)
     COMPLETED["local_root"] = str(root)
     cfg = load_config("tiny", {"storage.root": str(root)})
-    for stage in (ingest, filter, dedup, tokenizer, tokenize):
-        manifest = json.loads((out_dir(stage, cfg) / MANIFEST).read_text())
+    for stage in PIPELINE.dataset_part:
+        manifest = json.loads((out_dir(stage.name, cfg) / MANIFEST).read_text())
         assert manifest["files"] and all(f["bytes"] > 0 for f in manifest["files"].values()), stage
-    run = Path(launch.run_uri(cfg))
+    run = Path(PIPELINE.output("train", cfg).uri)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
     assert (run / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
@@ -223,7 +234,7 @@ def test_pretrain_full_local(stack, tmp_path):
 
     # Lineage of an evaluation: down through the checkpoint and every data stage to the raw files.
     shown = subprocess.run(
-        [sys.executable, "-m", "stages.lineage", str(results), "--json"], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "stages.tools.lineage", str(results), "--json"], capture_output=True, text=True, cwd=REPO
     )
     assert shown.returncode == 0, shown.stderr
     tree = json.loads(shown.stdout)
@@ -231,7 +242,10 @@ def test_pretrain_full_local(stack, tmp_path):
     while node["inputs"]:
         kinds.append(node["kind"])
         node = node["inputs"][0]  # the first input: the data path (tokenize's second is the tokenizer)
-    assert kinds + [node["kind"]] == ["evaluate", "checkpoint", "tokenize", "dedup", "filter", "ingest"]
+    chain = [PIPELINE.training_data]  # (each stage's documents come from its `docs` input)
+    while "docs" in PIPELINE[chain[-1]].inputs:
+        chain.append(PIPELINE[chain[-1]].inputs["docs"])
+    assert kinds + [node["kind"]] == ["evaluate", "checkpoint", *chain]
     checkpoint = tree["inputs"][0]
     assert checkpoint["step"] == 60 and checkpoint["run_version"] == run.name and checkpoint["git_commit"]
     assert checkpoint["tokenizer_sha256"] == checkpoint["inputs"][0]["tokenizer_sha256"]
@@ -242,7 +256,7 @@ def test_pretrain_full_local(stack, tmp_path):
     dry = run_deployment(stack, {"overrides": {"storage.root": str(root)}, "force": ["evaluate"], "dry_run": True})
     assert task_states(stack, dry) == {}
     table = artifacts(stack, dry)["plan"]["data"]
-    for stage in STAGES[:-1]:
+    for stage in PIPELINE.names[:-1]:
         assert f"| {stage} | skip |" in table, table
     assert "| evaluate | run | forced |" in table
 
@@ -270,7 +284,7 @@ def test_flow_process_killed_in_every_stage_then_retried(stack, tmp_path):
     (test_pretrain_full_local), file for file; the training run's steps are each logged once.
 
     Where the kill lands: in training, once its step-20 checkpoint is saved; elsewhere at a failpoint
-    (stages/failpoints.py) that holds the stage until the kill: the data stages with work units once their first
+    (stages/core/failpoints.py) that holds the stage until the kill: the data stages with work units once their first
     unit is done, the others with all their files written and no manifest yet. On the sample most stages take well
     under a second, which a kill timed from outside would not hit every time."""
     reference = COMPLETED.get("local_root")
@@ -284,11 +298,11 @@ def test_flow_process_killed_in_every_stage_then_retried(stack, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": stack["api"]}
     holds = stack["state"] / "failpoints"
     # a stage with work units once its first unit is done, the others with their files written, uncommitted
-    points = {stage: f"{stage}.unit-done" for stage in ("ingest", "filter", "dedup")}
-    points |= {stage: f"{stage}.commit" for stage in ("tokenizer", "tokenize", "evaluate")}
+    points = {s.name: f"{s.name}.{'unit-done' if s.units else 'commit'}" for s in PIPELINE.stages}
+    del points["train"]  # (killed once it has checkpointed)
     for name in points.values():
         (holds / name).touch()
-    for stage in STAGES:
+    for stage in PIPELINE.names:
         if stage == "train":
             reached = lambda: list(root.glob("train/*/step-000020/meta.json"))  # noqa: E731
         else:
@@ -315,9 +329,9 @@ def test_flow_process_killed_in_every_stage_then_retried(stack, tmp_path):
     # The resumes, from the console: Prefect ships a run's logs to the server every 2 s, so a killed process's last
     # lines reach only its console, and here most kills come within a second or two of the previous retry's resume.
     printed = console.read_bytes()[console_start:].decode(errors="replace")
-    for stage in ("ingest", "filter", "dedup", "tokenizer", "tokenize"):
+    for stage in DATA:
         assert f"{stage}: resuming an interrupted build of {root}" in printed, stage
-    for stage in ("ingest", "filter", "dedup"):
+    for stage in [s.name for s in PIPELINE.stages if s.units]:
         assert re.search(rf"{stage}: [1-9]\d* of \d+ units already done, resuming", printed), stage
     logs = flow_run_logs(stack, flow_run)
     assert any("resumed from" in line and "step-000020" in line for line in logs)
@@ -326,11 +340,11 @@ def test_flow_process_killed_in_every_stage_then_retried(stack, tmp_path):
     # (a lease held by a killed attempt would cost 45-60 s; a busy server can make taking a free slot cost a few)
     waits = [int(m.group(1)) for line in logs if (m := re.match(r"\w+: waited (\d+) s", line))]
     assert not [w for w in waits if w >= 30], waits
-    for stage in (ingest, filter, dedup, tokenizer, tokenize):
+    for stage in DATA:
         made, uninterrupted = (json.loads((out_dir(stage, load_config("tiny", {"storage.root": str(r)})) / MANIFEST)
                                           .read_text()) for r in (root, reference))  # fmt: skip
         assert made["files"] == uninterrupted["files"] and made["digest"] == uninterrupted["digest"], stage
-    run = Path(launch.run_uri(launch.resolved(load_config("tiny", overrides))))
+    run = Path(PIPELINE.output("train", load_config("tiny", overrides)).uri)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 41))
     assert "evaluate: step 40 already evaluated" not in printed  # built again after the kill
     assert json.loads((run / "step-000040" / "eval" / MANIFEST).read_text())["files"]
@@ -368,15 +382,15 @@ def test_data_refresh_adds_only_new_files_then_continues_pretraining(stack, tmp_
     first = run_deployment(stack, {"overrides": {"storage.root": root}}, deployment="pretrain/data-refresh")
     assert set(task_states(stack, first).values()) == {"COMPLETED"}
     logs = flow_run_logs(stack, first)
-    for stage in ("ingest", "filter", "dedup", "tokenizer", "tokenize"):
+    for stage in DATA:
         assert any(f"{stage}: up to date at" in line for line in logs), stage  # pretrain/full built them
     cfg = load_config("tiny", {"storage.root": root})
     v1 = json.loads((Path(root) / "dataset" / "v00001.json").read_text())
     assert len(v1["parts"]) == 1 and sorted(v1["parts"][0]["raw_files"]) == sorted(cfg.ingest.inputs)
-    assert v1["parts"][0]["tokens"] == tokenize.output(cfg).uri
+    assert v1["parts"][0]["tokens"] == PIPELINE.output("tokenize", cfg).uri
 
     # A new raw file: 40 new documents, two documents the dataset already has and one nearly.
-    kept = [d.text for d in docs_in(out_dir(dedup, cfg))][:3]
+    kept = [d.text for d in docs_in(out_dir("dedup", cfg))][:3]
     rows = novel_documents(40, seed=1) + kept[:2] + [kept[2].replace(".", ";", 1)]
     drops = tmp_path / "drops"
     drops.mkdir()
@@ -390,7 +404,7 @@ def test_data_refresh_adds_only_new_files_then_continues_pretraining(stack, tmp_
     }
     second = run_deployment(stack, {"overrides": overrides}, deployment="pretrain/data-refresh")
     states = task_states(stack, second)
-    assert states == {s: "COMPLETED" for s in STAGES}, states
+    assert states == {s: "COMPLETED" for s in PIPELINE.names}, states
     v2 = json.loads((Path(root) / "dataset" / "v00002.json").read_text())
     assert v2["parts"][0] == v1["parts"][0] and len(v2["parts"]) == 2
     new = v2["parts"][1]
@@ -406,11 +420,11 @@ def test_data_refresh_adds_only_new_files_then_continues_pretraining(stack, tmp_
 
     # Continued pretraining on the new part, from pretrain/full's last checkpoint.
     trained = json.loads((Path(root) / "dataset" / "v00002.trained.json").read_text())
-    base_run = Path(launch.run_uri(launch.resolved(cfg)))
+    base_run = Path(PIPELINE.output("train", cfg).uri)
     assert trained["from"] == str(base_run / "step-000060") and trained["step"] == 20
     read = lambda run: [json.loads(line)["loss"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert read(trained["run"])[0] < read(base_run)[0] - 1.0  # it starts from trained weights, not from scratch
-    shown = subprocess.run([sys.executable, "-m", "stages.lineage", trained["checkpoint"], "--json"],
+    shown = subprocess.run([sys.executable, "-m", "stages.tools.lineage", trained["checkpoint"], "--json"],
                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     tokens = json.loads(shown.stdout)["inputs"][0]
@@ -444,11 +458,11 @@ def test_pretrain_full_s3(stack):
     logs = {run: flow_run_logs(stack, run) for run in both}
     skipped = {
         stage: [run for run in both if any(f"{stage}: up to date at" in line for line in logs[run])]
-        for stage in STAGES[:5]
+        for stage in DATA
     }
     skipped["train"] = [run for run in both if any("training already complete" in line for line in logs[run])]
     skipped["evaluate"] = [run for run in both if any("already evaluated at" in line for line in logs[run])]
-    assert {stage: len(runs) for stage, runs in skipped.items()} == {stage: 1 for stage in STAGES}, skipped
+    assert {stage: len(runs) for stage, runs in skipped.items()} == {stage: 1 for stage in PIPELINE.names}, skipped
     assert any("waited" in line and "for another flow run building" in line for run in both for line in logs[run])
     for run in both:
         assert set(task_states(stack, run).values()) == {"COMPLETED"} and len(task_states(stack, run)) == 7
@@ -515,13 +529,13 @@ def test_prefect_ui_shows_every_stage_and_artifact(stack):
 
             page.get_by_text("Task Runs", exact=True).first.click()
             page.get_by_text("(7 Completed)").wait_for(timeout=30_000)
-            for stage in STAGES:  # (the counts render before the list under them, and each row on its own time)
+            for stage in PIPELINE.names:  # (the counts render before the list under them, and each row on its own time)
                 page.get_by_text(re.compile(rf"^{stage}-\w+$")).first.wait_for(timeout=60_000)
                 wait_for_text(page, rf"\n{stage}-\w+\nCompleted\n")
             page.screenshot(path=shots / "task-runs.png", full_page=True)
 
             page.get_by_text("Artifacts", exact=True).first.click()
-            expected = {f"{s}-stats" for s in STAGES} | {"plan", "data-funnel", "eval-metrics", "train-metrics"}
+            expected = {f"{s}-stats" for s in PIPELINE.names} | {"plan", "data-funnel", "eval-metrics", "train-metrics"}
             for name in sorted(expected | {"train-loss-curve", "train-progress"}):
                 # each card renders on its own time under load: wait for every one, never read the page once
                 page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
@@ -537,9 +551,9 @@ def test_s3_keys_from_an_aws_credentials_block(stack, monkeypatch):
     from prefect_aws import AwsCredentials
 
     from flows.credentials import resolve_credentials
-    from stages import storage
-    from stages.config import ConfigError
-    from stages.preflight import preflight
+    from stages.core import storage
+    from stages.core.config import ConfigError
+    from stages.tools.preflight import preflight
 
     # No AWS keys anywhere in this process's environment: only the block can authenticate the writes below.
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
@@ -570,7 +584,7 @@ def test_s3_keys_from_an_aws_credentials_block(stack, monkeypatch):
             resolve_credentials(load_config("tiny-s3", {**overrides, "storage.credentials_block": "nope"}))
     s = resolved.storage
     assert (s.endpoint_url, s.region, s.access_key_id.get_secret_value()) == (stack["s3"], "us-east-1", key_id)
-    assert secret not in repr(resolved) and secret not in launch.child_config_json(resolved)
+    assert secret not in repr(resolved) and secret not in child_config_json(resolved)
     preflight(resolved)  # probes the bucket with the block's keys
     storage.write_json(storage.join(prefix, "probe.json"), {"by": "the block's keys"}, resolved.storage)
     assert storage.read_json(storage.join(prefix, "probe.json"), resolved.storage) == {"by": "the block's keys"}

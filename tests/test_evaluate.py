@@ -1,4 +1,4 @@
-"""stages/evaluate.py against real parts: a BPE tokenizer trained here, a random-init Transformer saved with
+"""stages/evaluate/stage.py against real parts: a BPE tokenizer trained here, a random-init Transformer saved with
 torch.distributed.checkpoint (no process group), and real lm-eval reading the repo's task YAML offline."""
 
 from __future__ import annotations
@@ -16,9 +16,14 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
-from stages import checkpoints, evaluate, launch
-from stages.config import PipelineConfig
-from stages.model import Transformer
+from stages.core.config import PipelineConfig
+from stages.evaluate import lm as harness
+from stages.evaluate import stage as evaluate
+from stages.evaluate import tasks as eval_tasks
+from stages.pipeline import PIPELINE
+from stages.train import checkpoints
+from stages.train import stage as launch
+from stages.train.model import Transformer
 
 SEQ_LEN = 32
 MODEL = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_multiple_of": 16}
@@ -174,15 +179,15 @@ def run_dir(cfg: PipelineConfig) -> Path:
 def lm(setup):
     cfg, root, _ = setup
     step, ckpt, meta = checkpoints.latest_checkpoint(str(run_dir(cfg)))
-    model = evaluate.load_model(ckpt, meta)
-    tokenizer = evaluate.load_tokenizer(meta["tokenizer_uri"])
-    return evaluate.PipelineLM(model, tokenizer, max_length=SEQ_LEN, batch_size=3, device="cpu")
+    model = harness.load_model(ckpt, meta)
+    tokenizer = harness.load_tokenizer(meta["tokenizer_uri"])
+    return harness.PipelineLM(model, tokenizer, max_length=SEQ_LEN, batch_size=3, device="cpu")
 
 
 def test_run_writes_results_then_skips(setup, lm):
     cfg, root, docs = setup
     logs = []
-    stats = evaluate.run(cfg, log=logs.append)
+    stats = PIPELINE.run("evaluate", cfg, log=logs.append)
     json.dumps(stats, allow_nan=False)
     assert stats["skipped"] is False
     assert stats["step"] == 5 and stats["checkpoint"].endswith("step-000005")
@@ -209,7 +214,7 @@ def test_run_writes_results_then_skips(setup, lm):
     total_bytes = sum(len(d.encode("utf-8")) for d in docs)
     assert metrics["bits_per_byte"] == pytest.approx(-total_ll / total_bytes / math.log(2), rel=1e-4)
 
-    again = evaluate.run(cfg, log=logs.append)
+    again = PIPELINE.run("evaluate", cfg, log=logs.append)
     assert again["skipped"] is True
     assert again["metrics"] == stats["metrics"] and again["step"] == 5
     assert any("skipping" in line for line in logs)
@@ -217,7 +222,7 @@ def test_run_writes_results_then_skips(setup, lm):
     # a changed evaluate section is a different identity: evaluated again
     cfg3 = cfg.model_copy(deep=True)
     cfg3.evaluate.max_docs = 5
-    third = evaluate.run(cfg3, log=logs.append)
+    third = PIPELINE.run("evaluate", cfg3, log=logs.append)
     assert third["skipped"] is False and third["docs"] == 5
 
 
@@ -234,7 +239,7 @@ def test_incomplete_checkpoint_is_ignored(setup):
 def test_load_model_reads_only_the_model_and_matches_saved_weights(setup):
     cfg, root, _ = setup
     step, ckpt, meta = checkpoints.latest_checkpoint(str(run_dir(cfg)))
-    loaded = evaluate.load_model(ckpt, meta)
+    loaded = harness.load_model(ckpt, meta)
     reference = make_model(meta["vocab_size"], seed=5)
     for name, tensor in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -352,7 +357,7 @@ def test_heldout_mc_and_a_missing_standard_suite(setup, tmp_path):
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.storage.root = str(copy)
     run_cfg.evaluate.tasks = ["heldout_ppl", "heldout_mc", "hellaswag"]
-    stats = evaluate.run(run_cfg, log=lambda _: None)
+    stats = PIPELINE.run("evaluate", run_cfg, log=lambda _: None)
     assert set(stats["metrics"]) == {"heldout_ppl", "heldout_mc"}
     assert 0.0 <= stats["metrics"]["heldout_mc"]["acc"] <= 1.0
     assert "hellaswag" in stats["tasks_skipped"] and stats["tasks_skipped"]["hellaswag"]
@@ -362,7 +367,7 @@ def test_heldout_mc_and_a_missing_standard_suite(setup, tmp_path):
 
     run_cfg.evaluate.tasks = ["heldout_ppl", "hellaswagg"]
     with pytest.raises(ValueError, match="hellaswagg"):
-        evaluate.run(run_cfg, log=lambda _: None)
+        PIPELINE.run("evaluate", run_cfg, log=lambda _: None)
 
 
 def test_every_steps_evaluates_older_checkpoints_and_compares(setup, tmp_path):
@@ -374,7 +379,7 @@ def test_every_steps_evaluates_older_checkpoints_and_compares(setup, tmp_path):
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.storage.root = str(copy)
     run_cfg.evaluate.every_steps = 1
-    stats = evaluate.run(run_cfg, log=lambda _: None)
+    stats = PIPELINE.run("evaluate", run_cfg, log=lambda _: None)
     assert stats["step"] == 5 and stats["evaluated_steps"] == [1, 5]  # step 9 has no meta.json: incomplete
     history = json.loads((run_dir(run_cfg) / evaluate.HISTORY).read_text())
     assert sorted(history) == ["1", "5"]
@@ -394,14 +399,14 @@ def test_mc_questions_are_deterministic_and_well_formed(tmp_path):
             f.write(json.dumps({"id": f"d{d}", "text": " ".join(f"{w}{d}" for w in words)}) + "\n")
         f.write(json.dumps({"id": "short", "text": "too short to ask about"}) + "\n")
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    assert evaluate.write_heldout_mc(docs, first) == 6
-    evaluate.write_heldout_mc(docs, second)
+    assert eval_tasks.write_heldout_mc(docs, first) == 6
+    eval_tasks.write_heldout_mc(docs, second)
     assert first.read_text() == second.read_text()
     for line in first.read_text().splitlines():
         q = json.loads(line)
         assert len(q["choices"]) == 4 and len(set(q["choices"])) == 4
         d = q["id"][1:]
-        cut = evaluate.MC_CONTEXT_WORDS
+        cut = eval_tasks.MC_CONTEXT_WORDS
         assert q["context"].split()[-1] == f"w{cut - 1}{d}" and q["choices"][q["label"]].split()[0] == f"w{cut}{d}"
 
 
@@ -441,21 +446,21 @@ def test_run_on_s3(setup, s3_endpoint):
         client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=body)
     run = launch.run_uri(s3_cfg)
     assert run == f"s3://{bucket}/{prefix}/{local_run}"  # the same data digest and config: the same version
-    stats = evaluate.run(s3_cfg, log=lambda _: None)
+    stats = PIPELINE.run("evaluate", s3_cfg, log=lambda _: None)
     assert stats["skipped"] is False and stats["step"] == 5 and stats["docs"] == 4
     assert stats["checkpoint"] == f"{run}/step-000005"
     assert math.isfinite(stats["metrics"]["heldout_ppl"]["bits_per_byte"])
     eval_key = f"{prefix}/{local_run}/step-000005/eval/"
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=eval_key)["Contents"]}
     assert {f"{eval_key}{n}" for n in ("results.json", "stats.json", "manifest.json")} <= keys
-    assert evaluate.run(s3_cfg, log=lambda _: None)["skipped"] is True
+    assert PIPELINE.run("evaluate", s3_cfg, log=lambda _: None)["skipped"] is True
 
 
 def test_samples_greedy_and_seeded_then_kept(setup):
-    """stages/samples.py on the step-5 checkpoint: the greedy continuation is the argmax decode recomputed in full,
-    sampling is reproducible from the seed (and with top_k 1 is greedy), samples.json is written next to the
+    """stages/evaluate/samples.py on the step-5 checkpoint: the greedy continuation is the argmax decode recomputed in
+    full, sampling is reproducible from the seed (and with top_k 1 is greedy), samples.json is written next to the
     checkpoint and read back on a rerun with the same settings."""
-    from stages import samples
+    from stages.evaluate import samples
 
     cfg, _, _ = setup
     cfg = cfg.model_copy(deep=True)
@@ -466,7 +471,7 @@ def test_samples_greedy_and_seeded_then_kept(setup):
     first = samples.run(cfg, ckpt, logs.append)
     assert not first["skipped"] and (Path(ckpt) / samples.SAMPLES).is_file()
     meta = json.loads((Path(ckpt) / "meta.json").read_text())
-    model, tokenizer = evaluate.load_model(ckpt, meta), evaluate.load_tokenizer(meta["tokenizer_uri"])
+    model, tokenizer = harness.load_model(ckpt, meta), harness.load_tokenizer(meta["tokenizer_uri"])
     eos = tokenizer.token_to_id(EOS)
     for row in first["samples"]:
         tokens, generated = tokenizer.encode(row["prompt"]).ids, []

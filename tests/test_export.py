@@ -1,4 +1,4 @@
-"""stages/export.py: a checkpoint becomes a transformers LlamaForCausalLM directory that loads offline, gives the
+"""stages/tools/export.py: a checkpoint becomes a transformers LlamaForCausalLM directory that loads offline, gives the
 same logits as the pipeline's model, and the same lm-eval numbers through lm-eval's own `hf` backend."""
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import checkpoints, evaluate, export
+from stages.evaluate import lm as harness
+from stages.evaluate import tasks as eval_tasks
+from stages.tools import export
+from stages.train import checkpoints
 from tests.test_evaluate import SEQ_LEN, run_dir, setup  # noqa: F401  (the fixture: tokenizer, checkpoints, held-out docs)
 
 
@@ -37,7 +40,7 @@ def test_export_writes_a_directory_transformers_loads_offline(exported):
     model = AutoModelForCausalLM.from_pretrained(dest, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(dest, local_files_only=True)
     assert type(model).__name__ == "LlamaForCausalLM" and model.num_parameters() == info["params"]
-    assert tok.eos_token == evaluate.EOS_TOKEN
+    assert tok.eos_token == harness.EOS_TOKEN
     text = "Return a new list containing all items from the iterable in ascending order."
     # the tokenizer travels with the export and gives the pipeline tokenizer's ids
     assert tok(text, add_special_tokens=False)["input_ids"] == exported_tokenizer(exported).encode(text).ids
@@ -45,14 +48,14 @@ def test_export_writes_a_directory_transformers_loads_offline(exported):
 
 def exported_tokenizer(exported):
     _, _, meta, _, _ = exported
-    return evaluate.load_tokenizer(meta["tokenizer_uri"])
+    return harness.load_tokenizer(meta["tokenizer_uri"])
 
 
 def test_logits_match_the_pipeline_model(exported):
     _, ckpt, meta, dest, _ = exported
     from transformers import AutoModelForCausalLM
 
-    ours = evaluate.load_model(ckpt, meta)
+    ours = harness.load_model(ckpt, meta)
     theirs = AutoModelForCausalLM.from_pretrained(dest, local_files_only=True, torch_dtype=torch.float32).eval()
     tokens = torch.randint(0, ours.vocab_size, (3, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -68,23 +71,23 @@ def test_lm_eval_hf_backend_gives_the_same_metrics(exported):
 
     cfg, ckpt, meta, dest, _ = exported
     tokenizer = exported_tokenizer(exported)
-    lm = evaluate.PipelineLM(evaluate.load_model(ckpt, meta), tokenizer, max_length=SEQ_LEN, batch_size=4)
+    lm = harness.PipelineLM(harness.load_model(ckpt, meta), tokenizer, max_length=SEQ_LEN, batch_size=4)
     val_uri = str(Path(cfg.train.data) / "val_docs.jsonl")
     with tempfile.TemporaryDirectory() as tmp:
-        include, _, n_docs = evaluate.prepare_tasks(cfg, val_uri, Path(tmp))
+        include, _, n_docs = eval_tasks.prepare_tasks(cfg, val_uri, Path(tmp))
         common = dict(tasks=["heldout_ppl"], log_samples=False, bootstrap_iters=0)
         ours = lm_eval.simple_evaluate(
-            model=lm, task_manager=evaluate._task_manager(include, ["heldout_ppl"]), batch_size=4, **common
+            model=lm, task_manager=eval_tasks._task_manager(include, ["heldout_ppl"]), batch_size=4, **common
         )
         theirs = lm_eval.simple_evaluate(
             model="hf",
             model_args=f"pretrained={dest},dtype=float32,max_length={SEQ_LEN}",
-            task_manager=evaluate._task_manager(include, ["heldout_ppl"]),
+            task_manager=eval_tasks._task_manager(include, ["heldout_ppl"]),
             batch_size=4,
             device="cpu",
             **common,
         )
-    a, b = evaluate.summarize(ours)["heldout_ppl"], evaluate.summarize(theirs)["heldout_ppl"]
+    a, b = eval_tasks.summarize(ours)["heldout_ppl"], eval_tasks.summarize(theirs)["heldout_ppl"]
     assert n_docs == 20 and a.keys() == b.keys()
     for metric in a:
         assert a[metric] == pytest.approx(b[metric], rel=1e-5), metric

@@ -27,9 +27,9 @@ import zstandard
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from stages import ingest
-from stages.config import load_config
-from stages.storage import MANIFEST, STATS
+from stages.core.config import load_config
+from stages.core.storage import MANIFEST, STATS
+from stages.pipeline import PIPELINE
 from tests.conftest import REPO, docs_in, out_dir
 
 PROSE = (
@@ -154,7 +154,7 @@ def hostile(small_corpus, tmp_path_factory):
     expect = hostile_folder(base / "in", small_corpus)
     cfg = hostile_config(base / "in", base / "out")
     logged: list[str] = []
-    stats = ingest.run(cfg, log=logged.append)
+    stats = PIPELINE.run("ingest", cfg, log=logged.append)
     return base, expect, cfg, stats, logged
 
 
@@ -164,7 +164,7 @@ def quarantine_of(folder: Path) -> list[dict]:
 
 def test_every_file_is_ingested_and_every_record_accounted_for(hostile):
     base, expect, cfg, stats, logged = hostile
-    folder = out_dir(ingest, cfg)
+    folder = out_dir("ingest", cfg)
     assert stats["files_in"] == len(expect) >= 30 + 4
     assert stats["records_in"] == stats["docs_out"] + stats["quarantined_total"]
     entries = quarantine_of(folder)
@@ -194,9 +194,9 @@ def test_every_file_is_ingested_and_every_record_accounted_for(hostile):
 
 def test_a_damaged_file_says_where_reading_stopped(hostile):
     base, expect, cfg, stats, logged = hostile
-    entries = quarantine_of(out_dir(ingest, cfg))
+    entries = quarantine_of(out_dir("ingest", cfg))
     tails = {Path(e["source"]).name: e for e in entries if e["reason"] == "unreadable_tail"}
-    docs = Counter(Path(d.source).name for d in docs_in(out_dir(ingest, cfg)))
+    docs = Counter(Path(d.source).name for d in docs_in(out_dir("ingest", cfg)))
     cut = tails["truncated.jsonl.gz"]  # every line before the damage is a document, the tail starts after them
     assert cut["where"] == f"line {docs['truncated.jsonl.gz'] + 1} to the end" and cut["offset"] > 0
     assert "EOFError" in cut["raw"] and f"byte {cut['offset']}" in cut["raw"]
@@ -213,7 +213,7 @@ def test_a_damaged_file_says_where_reading_stopped(hostile):
 
 def test_ids_are_unique_by_full_uri_and_repeats_are_counted(hostile):
     base, expect, cfg, stats, logged = hostile
-    docs = docs_in(out_dir(ingest, cfg))
+    docs = docs_in(out_dir("ingest", cfg))
     ids = Counter(d.id for d in docs)
     assert ids["shared"] == 2 and all(n == 1 for i, n in ids.items() if i != "shared")
     assert f"{base / 'in' / 'a' / 'docs.jsonl'}#line-1" in ids and f"{base / 'in' / 'b' / 'docs.jsonl'}#line-1" in ids
@@ -222,18 +222,18 @@ def test_ids_are_unique_by_full_uri_and_repeats_are_counted(hostile):
         {"id": "shared", "inputs": [str(base / "in" / "a" / "docs.jsonl"), str(base / "in" / "b" / "docs.jsonl")]}
     ]
     assert any("1 documents repeat an id" in line and "'shared'" in line for line in logged)
-    assert not (out_dir(ingest, cfg) / "_ids").exists()  # the id hashes are scratch
-    saved = json.loads((out_dir(ingest, cfg) / STATS).read_text())
+    assert not (out_dir("ingest", cfg) / "_ids").exists()  # the id hashes are scratch
+    saved = json.loads((out_dir("ingest", cfg) / STATS).read_text())
     assert saved["repeated_ids"] == 1
 
 
 KILLABLE = """
 import sys
-from stages import ingest
-from stages.config import PipelineConfig
+from stages.pipeline import PIPELINE
+from stages.core.config import PipelineConfig
 cfg = PipelineConfig.model_validate_json(open(sys.argv[1]).read())
 print("started", flush=True)
-ingest.run(cfg, log=lambda _: None)
+PIPELINE.run("ingest", cfg, log=lambda _: None)
 """
 
 
@@ -250,9 +250,9 @@ def test_sigkill_at_a_random_point_then_rerun_is_byte_identical(hostile, tmp_pat
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)  # the stage and its workers, wherever they are
     assert proc.wait() == -signal.SIGKILL, f"seed {seed}: the stage finished within {delay:.2f}s"
-    folder = out_dir(ingest, killed)
-    rerun = ingest.run(killed, log=lambda _: None)
-    manifest, expected = (json.loads((f / MANIFEST).read_text()) for f in (folder, out_dir(ingest, cfg)))
+    folder = out_dir("ingest", killed)
+    rerun = PIPELINE.run("ingest", killed, log=lambda _: None)
+    manifest, expected = (json.loads((f / MANIFEST).read_text()) for f in (folder, out_dir("ingest", cfg)))
     assert manifest["files"] == expected["files"], f"seed {seed}, killed after {delay:.2f}s"  # byte-identical
     assert manifest["counts"] == expected["counts"]
     assert rerun["repeated_ids"] == stats["repeated_ids"]
@@ -260,11 +260,11 @@ def test_sigkill_at_a_random_point_then_rerun_is_byte_identical(hostile, tmp_pat
 
 UNWRITABLE = """
 import sys
-from stages import ingest
-from stages.config import load_config
+from stages.pipeline import PIPELINE
+from stages.core.config import load_config
 cfg = load_config("tiny", {"storage.root": sys.argv[1], "ingest.inputs": sys.argv[2:], "ingest.workers": 1})
 try:
-    ingest.run(cfg, log=lambda _: None)
+    PIPELINE.run("ingest", cfg, log=lambda _: None)
 except Exception as exc:
     print(f"{type(exc).__name__}: {exc}")
     sys.exit(3)
@@ -293,7 +293,8 @@ def test_repeated_ids_leave_dedup_decontamination_and_lineage_correct(tmp_path):
     """Two inputs reuse each other's ids: dedup removes by position (the exact and the near copy, never the other
     document of a shared id), decontamination by text (one of two documents sharing an id), and lineage names both
     inputs."""
-    from stages import dedup, lineage, tokenize, tokenizer
+    from stages.tokenize.stage import split_of
+    from stages.tools import lineage
     from tests.conftest import ingest_without_filtering
 
     rng = random.Random(5)
@@ -301,7 +302,7 @@ def test_repeated_ids_leave_dedup_decontamination_and_lineage_correct(tmp_path):
     text = {k: " ".join(rng.choice(vocabulary) for _ in range(90)) + "." for k in ("T1", "T2", "T3", "T4")}
     words = text["T4"].split()
     near = " ".join(words[:45] + ["changed"] + words[46:])  # T4 with one word changed: Jaccard about 0.88
-    shared, other, y, z = [i for i in (f"id-{n}" for n in range(100)) if tokenize.split_of(i, 0.05) == "train"][:4]
+    shared, other, y, z = [i for i in (f"id-{n}" for n in range(100)) if split_of(i, 0.05) == "train"][:4]
     a, b = tmp_path / "a" / "docs.jsonl", tmp_path / "b" / "docs.jsonl"
     inputs = {a: [(shared, "T1"), (y, "T2"), (other, "T4")], b: [(shared, "T3"), (z, "T2"), (other, near)]}
     for path, docs in inputs.items():
@@ -313,21 +314,21 @@ def test_repeated_ids_leave_dedup_decontamination_and_lineage_correct(tmp_path):
                  "tokenizer.vocab_size": 300, "evaluate.decontaminate_with": [str(benchmark)]}  # fmt: skip
     cfg = load_config("tiny", overrides)
     ingest_without_filtering(cfg)
-    assert json.loads((out_dir(ingest, cfg) / STATS).read_text())["repeated_ids"] == 2
-    deduped = dedup.run(cfg, log=lambda _: None)
+    assert json.loads((out_dir("ingest", cfg) / STATS).read_text())["repeated_ids"] == 2
+    deduped = PIPELINE.run("dedup", cfg, log=lambda _: None)
     assert deduped["removed"] == {"exact": 1, "near": 1}
-    removed = pq.read_table(next((out_dir(dedup, cfg) / "removed").glob("*.parquet"))).to_pylist()
-    kept = {(Path(d.source).parent.name, d.id): d.text for d in docs_in(out_dir(dedup, cfg))}
+    removed = pq.read_table(next((out_dir("dedup", cfg) / "removed").glob("*.parquet"))).to_pylist()
+    kept = {(Path(d.source).parent.name, d.id): d.text for d in docs_in(out_dir("dedup", cfg))}
     assert kept == {
         ("a", shared): text["T1"], ("a", y): text["T2"], ("a", other): text["T4"], ("b", shared): text["T3"]
     }  # fmt: skip
     found = sorted((r["id"], r["kind"], r["shard"], r["row"], r["survivor_shard"], r["survivor_row"]) for r in removed)
     a_shard, b_shard = "part-0000-00000.parquet", "part-0001-00000.parquet"  # (one input file each)
     assert found == sorted([(other, "near", b_shard, 2, a_shard, 2), (z, "exact", b_shard, 1, a_shard, 1)])
-    tokenizer.run(cfg, log=lambda _: None)
-    tokenized = tokenize.run(cfg, log=lambda _: None)
+    PIPELINE.run("tokenizer", cfg, log=lambda _: None)
+    tokenized = PIPELINE.run("tokenize", cfg, log=lambda _: None)
     assert tokenized["docs"] == {"train": 4, "val": 0} and tokenized["removed"] == {"decontaminated": 1}
-    tree = lineage.lineage(out_dir(tokenize, cfg).as_posix())
+    tree = lineage.lineage(out_dir("tokenize", cfg).as_posix())
     ingested = tree["inputs"][0]
     while ingested["kind"] != "ingest":
         ingested = ingested["inputs"][0]

@@ -1,4 +1,4 @@
-"""The trainer's loader (stages/loader.py): shuffled blocks split per rank and per worker, resumed mid-epoch at
+"""The trainer's loader (stages/train/loader.py): shuffled blocks split per rank and per worker, resumed mid-epoch at
 exactly the next sample, and a wrong endpoint, rejected credentials or a missing dataset failing in seconds with
 an error that says which."""
 
@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from stages import loader
-from stages.config import load_config
+from stages.core.config import load_config
+from stages.train import loader
 from tests.conftest import BIN, free_port, wait_for_port
 
 TOKENS_PER_INPUT = 1000

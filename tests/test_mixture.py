@@ -1,6 +1,6 @@
-"""Mixtures (stages/mixture.py): blocks drawn by weight from several token datasets, repetition of a source counted
-and capped, a capped source dropped from the draws or ending the data, and a resumed mixture drawing exactly the
-blocks the uninterrupted one would have. Every token id says which source and block it came from."""
+"""Mixtures (stages/train/mixture.py): blocks drawn by weight from several token datasets, repetition of a source
+counted and capped, a capped source dropped from the draws or ending the data, and a resumed mixture drawing exactly
+the blocks the uninterrupted one would have. Every token id says which source and block it came from."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from stages import loader
-from stages.config import ConfigError, load_config
-from stages.mixture import DataExhausted, Mixture, Source
-from stages.preflight import preflight
+from stages.core.config import ConfigError, load_config
+from stages.tools.preflight import preflight
+from stages.train import loader
+from stages.train.mixture import DataExhausted, Mixture, Source
 
 BLOCK = 17  # tokens per block: seq_len 16 + 1
 TOKENS_PER_INPUT = 1000

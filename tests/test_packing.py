@@ -1,4 +1,4 @@
-"""Document masking in packed blocks (stages/model.py): no token attends to another document of its block, and
+"""Document masking in packed blocks (stages/train/model.py): no token attends to another document of its block, and
 each document is computed as if it stood alone (positions restart at its first token)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from stages.config import ModelConfig
-from stages.model import Transformer, document_ids, document_positions
-from stages.train import lm_loss
+from stages.core.config import ModelConfig
+from stages.train.model import Transformer, document_ids, document_positions
+from stages.train.worker import lm_loss
 
 EOS = 0
 VOCAB = 64

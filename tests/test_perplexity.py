@@ -1,4 +1,4 @@
-"""The perplexity filter (stages/perplexity_model.py): a KenLM model over SentencePiece pieces per language,
+"""The perplexity filter (stages/filter/perplexity_model.py): a KenLM model over SentencePiece pieces per language,
 trained by the filter stage on the sample's reference corpus, removes the documents above the percentile or
 threshold of their language; the scores are in the stats, in the removed samples and in the kept documents."""
 
@@ -11,10 +11,12 @@ from functools import partial
 import pytest
 from datatrove.data import Document
 
-from stages import filter, ingest, perplexity_model
-from stages.config import ConfigError, load_config
-from stages.documents import read_docs
-from stages.preflight import preflight
+from stages.core.config import ConfigError, load_config
+from stages.core.documents import read_docs
+from stages.filter import perplexity_model
+from stages.filter import stage as filter
+from stages.pipeline import PIPELINE
+from stages.tools.preflight import preflight
 from tests.conftest import docs_in, out_dir
 
 HEURISTICS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality", "c4_badwords")
@@ -32,7 +34,7 @@ def settings(tmp_path, reference: str, **perplexity) -> dict:
 
 
 def removed_docs(cfg) -> list:
-    folder = out_dir(filter, cfg) / "removed"
+    folder = out_dir("filter", cfg) / "removed"
     return [d for path in sorted(folder.glob("*.parquet")) for d in read_docs(str(path))]
 
 
@@ -50,8 +52,8 @@ def percentile_run(small_corpus, tmp_path_factory):
             "filter.removed_sample_per_rule": 1000,
         },
     )
-    ingest.run(cfg, log=lambda _: None)
-    return cfg, filter.run(cfg, log=lambda _: None)
+    PIPELINE.run("ingest", cfg, log=lambda _: None)
+    return cfg, PIPELINE.run("filter", cfg, log=lambda _: None)
 
 
 def test_percentile_keeps_that_share_per_language_with_scores_in_stats_and_samples(percentile_run):
@@ -60,7 +62,7 @@ def test_percentile_keeps_that_share_per_language_with_scores_in_stats_and_sampl
     assert list(p["models"]) == ["en"]  # filter.languages: [en]
     model = p["models"]["en"]
     assert model["reference_docs"] >= 60 and model["pieces"] > 500
-    out = out_dir(filter, cfg)
+    out = out_dir("filter", cfg)
     assert (out / model["sp"]).is_file() and (out / model["lm"]).is_file()
 
     en = p["languages"]["en"]
@@ -81,9 +83,9 @@ def test_percentile_keeps_that_share_per_language_with_scores_in_stats_and_sampl
 def test_the_model_prefers_real_text_to_its_words_shuffled(percentile_run):
     cfg, s = percentile_run
     model = s["perplexity"]["models"]["en"]
-    scorer = perplexity_model.Scorer(*perplexity_model.local_copies(cfg, filter.output(cfg).uri, model))
+    scorer = perplexity_model.Scorer(*perplexity_model.local_copies(cfg, PIPELINE.output("filter", cfg).uri, model))
     rng = random.Random(0)
-    docs = [d.text for d in docs_in(out_dir(filter, cfg))[:20]]
+    docs = [d.text for d in docs_in(out_dir("filter", cfg))[:20]]
     for text in docs:
         words = text.split()
         rng.shuffle(words)
@@ -92,7 +94,7 @@ def test_the_model_prefers_real_text_to_its_words_shuffled(percentile_run):
 
 def test_fixed_threshold_per_language_and_bad_settings(percentile_run, small_corpus, tmp_path):
     cfg, s = percentile_run
-    scored = docs_in(out_dir(filter, cfg)) + removed_docs(cfg)
+    scored = docs_in(out_dir("filter", cfg)) + removed_docs(cfg)
     limit = round(statistics.median(d.metadata["perplexity"] for d in scored if "perplexity" in d.metadata))
     # max_perplexity: the language's threshold is that number, and no pool sample is scored for it
     fixed = load_config("tiny", settings(tmp_path, str(small_corpus["parquet"]), max_perplexity={"en": limit}))
@@ -102,7 +104,7 @@ def test_fixed_threshold_per_language_and_bad_settings(percentile_run, small_cor
     # the block removes above its language's threshold, naming it, and leaves another language unscored
     model = s["perplexity"]["models"]["en"]
     block = perplexity_model.PerplexityFilter(
-        {"en": perplexity_model.local_copies(cfg, filter.output(cfg).uri, model)}, {"en": limit}
+        {"en": perplexity_model.local_copies(cfg, PIPELINE.output("filter", cfg).uri, model)}, {"en": limit}
     )
     for doc in scored[:40]:
         doc = Document(text=doc.text, id=doc.id, metadata={"language": "en"})

@@ -18,21 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from stages import dedup, filter, ingest, storage
-from stages.config import load_config
-from stages.stage import PROGRESS
-from stages.storage import MANIFEST
+from stages.core import storage
+from stages.core.config import load_config
+from stages.core.stage import PROGRESS
+from stages.core.storage import MANIFEST
+from stages.pipeline import PIPELINE
 from tests.conftest import REPO, free_port, out_dir
 
 RUN_STAGE = """
 import sys
-from stages import dedup, filter, ingest
-from stages.config import PipelineConfig
+from stages.pipeline import PIPELINE
+from stages.core.config import PipelineConfig
 cfg = PipelineConfig.model_validate_json(open(sys.argv[1]).read())
-{"ingest": ingest, "filter": filter, "dedup": dedup}[sys.argv[2]].run(cfg, log=lambda _: None)
+PIPELINE.run(sys.argv[2], cfg, log=lambda _: None)
 """
-STAGES = {"ingest": ingest, "filter": filter, "dedup": dedup}
-UPSTREAM = {"ingest": [], "filter": ["ingest"], "dedup": ["ingest", "filter"]}
+STAGES = [stage.name for stage in PIPELINE.stages if stage.units]  # (those whose work splits into units)
 
 
 def config(small_corpus, root):
@@ -54,7 +54,7 @@ def config(small_corpus, root):
 def reference(small_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     cfg = config(small_corpus, root)
-    return root, {name: stage.run(cfg, log=lambda _: None) for name, stage in STAGES.items()}
+    return root, {name: PIPELINE.run(name, cfg, log=lambda _: None) for name in STAGES}
 
 
 def markers(folder) -> int:
@@ -76,11 +76,11 @@ def markers(folder) -> int:
 def test_sigkilled_stage_resumes_to_identical_output(reference, small_corpus, tmp_path, stage, after_units, then_wait):
     ref_root, ref_stats = reference
     cfg = config(small_corpus, tmp_path)
-    for upstream in UPSTREAM[stage]:
-        shutil.copytree(ref_root / upstream, tmp_path / upstream)
+    for upstream in PIPELINE.ancestors(stage):
+        shutil.copytree(ref_root / upstream.folder, tmp_path / upstream.folder)
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.to_json())
-    folder, ref_folder = out_dir(STAGES[stage], cfg), out_dir(STAGES[stage], config(small_corpus, ref_root))
+    folder, ref_folder = out_dir(stage, cfg), out_dir(stage, config(small_corpus, ref_root))
     proc = subprocess.Popen([sys.executable, "-c", RUN_STAGE, str(cfg_file), stage], cwd=REPO)
     deadline = time.monotonic() + 120
     while markers(folder) < after_units and proc.poll() is None and time.monotonic() < deadline:
@@ -92,7 +92,7 @@ def test_sigkilled_stage_resumes_to_identical_output(reference, small_corpus, tm
     done_before = markers(folder)
     assert done_before >= after_units
 
-    stats = STAGES[stage].run(cfg, log=lambda _: None)
+    stats = PIPELINE.run(stage, cfg, log=lambda _: None)
     assert stats["units_resumed"] == done_before
     manifest = json.loads((folder / MANIFEST).read_text())
     expected = json.loads((ref_folder / MANIFEST).read_text())
@@ -179,10 +179,10 @@ def test_s3_outage_mid_stage_fails_clearly_and_a_rerun_completes(reference, smal
     assert 1 <= done_before < 3  # (three input files: three units)
 
     proxy.restore()
-    stats = ingest.run(cfg, log=lambda _: None)
+    stats = PIPELINE.run("ingest", cfg, log=lambda _: None)
     assert stats["units_resumed"] == done_before
     written = storage.read_json(storage.join(stats["output"], MANIFEST), cfg.storage)
-    expected = json.loads((out_dir(ingest, config(small_corpus, ref_root)) / MANIFEST).read_text())
+    expected = json.loads((out_dir("ingest", config(small_corpus, ref_root)) / MANIFEST).read_text())
     assert written["files"] == expected["files"] and written["counts"] == expected["counts"]
     proxy.cut()
 
@@ -190,7 +190,7 @@ def test_s3_outage_mid_stage_fails_clearly_and_a_rerun_completes(reference, smal
 def test_failpoint_holds_only_while_triggered(tmp_path, monkeypatch):
     """A failpoint is a no-op without its trigger file; with it, the process says it got there and waits until the
     trigger is gone (what the e2e kill test uses to kill a flow run inside a stage that is over in milliseconds)."""
-    from stages import failpoints
+    from stages.core import failpoints
 
     monkeypatch.setenv(failpoints.ENV, str(tmp_path))
     failpoints.hold("tokenizer.commit")  # no trigger: returns at once

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from stages import scaling
-from stages.config import MODEL_PRESET_DIR, ConfigError, load_config
-from stages.model import Transformer
-from stages.presets import CONFIG_PATH_ENV
+from stages.core.config import MODEL_PRESET_DIR, ConfigError, load_config
+from stages.core.presets import CONFIG_PATH_ENV
+from stages.train import scaling
+from stages.train.model import Transformer
 
 PRESETS = {"llama-1m": (4096, 1e6), "llama-10m": (32000, 1e7), "llama-100m": (32000, 1e8), "llama-1b": (128256, 1e9)}
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from stages import storage
-from stages.config import StorageConfig
+from stages.core import storage
+from stages.core.config import StorageConfig
 from tests.conftest import REPO
 
 

@@ -11,9 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages import dedup, tokenize, tokenizer
-from stages.config import load_config
-from stages.storage import MANIFEST
+from stages.core.config import load_config
+from stages.core.storage import MANIFEST
+from stages.pipeline import PIPELINE
+from stages.tokenizer import bpe
+from stages.tokenizer import stage as tokenizer
 from tests.conftest import ingest_without_filtering, out_dir
 
 
@@ -34,8 +36,9 @@ def built(small_corpus, tmp_path_factory):
         },
     )
     ingest_without_filtering(cfg)
-    stats = {stage.__name__: stage.run(cfg, log=lambda _: None) for stage in (dedup, tokenizer, tokenize)}
-    return cfg, root, stats, tokenizer.load(cfg)
+    after_filter = PIPELINE.names[PIPELINE.names.index("filter") + 1 : PIPELINE.names.index("tokenize") + 1]
+    stats = {name: PIPELINE.run(name, cfg, log=lambda _: None) for name in after_filter}
+    return cfg, root, stats, bpe.load(PIPELINE.output("tokenizer", cfg))
 
 
 CJK = st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF)
@@ -55,25 +58,25 @@ def test_any_unicode_text_round_trips_exactly(built, text):
 
 def test_special_tokens_sample_and_hash(built):
     cfg, root, stats, tok = built
-    s = stats["stages.tokenizer"]
+    s = stats["tokenizer"]
     assert tok.token_to_id("<|endoftext|>") == s["eos_id"] == 0 and tok.token_to_id("<|pad|>") == 1
     assert 0 < s["train_chars"] <= cfg.tokenizer.max_train_chars
-    data = (out_dir(tokenizer, cfg) / tokenizer.FILENAME).read_bytes()
+    data = (out_dir("tokenizer", cfg) / tokenizer.FILENAME).read_bytes()
     assert s["tokenizer_sha256"] == hashlib.sha256(data).hexdigest()
-    assert stats["stages.tokenize"]["tokenizer_sha256"] == s["tokenizer_sha256"]  # carried into the shards' manifest
+    assert stats["tokenize"]["tokenizer_sha256"] == s["tokenizer_sha256"]  # carried into the manifest
 
 
 def test_sample_takes_an_equal_share_of_every_shard(built):
     cfg, root, _, _ = built
-    upstream = dedup.output(cfg)
-    shards = [upstream.path(s) for s in sorted(json.loads((out_dir(dedup, cfg) / MANIFEST).read_text())["files"])
+    upstream = PIPELINE.output("dedup", cfg)
+    shards = [upstream.path(s) for s in sorted(json.loads((out_dir("dedup", cfg) / MANIFEST).read_text())["files"])
               if s.endswith(".parquet") and "/" not in s]  # fmt: skip
     assert len(shards) >= 4
     small = cfg.model_copy(deep=True)
     small.tokenizer.max_train_chars = 4000
     texts = list(tokenizer.sample_texts(small, shards))
     assert sum(len(t) for t in texts) <= 4000
-    from stages.documents import read_docs
+    from stages.core.documents import read_docs
 
     firsts = {next(read_docs(uri)).text[:50] for uri in shards}
     assert firsts <= {t[:50] for t in texts}  # every shard contributed its first document
@@ -94,28 +97,48 @@ def test_hugging_face_directory_loads_through_auto_tokenizer(built, tmp_path):
     reuse.storage.root = str(tmp_path / "out")
     reuse.tokenizer.path = str(folder)
     reuse.tokenizer.special_tokens = []
-    for stage in ("ingest", "filter", "dedup"):  # the upstream outputs: their digests name the versions
-        shutil.copytree(root / stage, tmp_path / "out" / stage)
-    s = tokenizer.run(reuse, log=lambda _: None)
+    s = PIPELINE.run("tokenizer", reuse, log=lambda _: None)
     assert s["trained"] is False and s["eos_id"] == tok.token_to_id("<|endoftext|>")
     missing = reuse.model_copy(deep=True)
     missing.tokenizer.eos_token = "</s>"
     with pytest.raises(ValueError, match=r"tokenizer.eos_token: '</s>' is not in the tokenizer's vocabulary"):
-        tokenizer.run(missing, log=lambda _: None)
+        PIPELINE.run("tokenizer", missing, log=lambda _: None)
 
 
 def test_same_input_and_config_give_byte_identical_shards(built, tmp_path):
     cfg, root, stats, _ = built
     again = cfg.model_copy(deep=True)
     again.storage.root = str(tmp_path)
-    for stage in ("ingest", "filter", "dedup", "tokenizer"):
-        shutil.copytree(root / stage, tmp_path / stage)
-    tokenize.run(again, log=lambda _: None)
-    first, second = (json.loads((out_dir(tokenize, c) / MANIFEST).read_text()) for c in (cfg, again))
+    for stage in PIPELINE.ancestors("tokenize"):  # its inputs' outputs: their digests name its version
+        shutil.copytree(root / stage.folder, tmp_path / stage.folder)
+    PIPELINE.run("tokenize", again, log=lambda _: None)
+    first, second = (json.loads((out_dir("tokenize", c) / MANIFEST).read_text()) for c in (cfg, again))
     assert first["files"] == second["files"] and first["counts"] == second["counts"]
     assert first["identity"] == second["identity"]
     # the worker count decides where litdata cuts chunks, so it is part of the identity: a change rebuilds
     again.tokenize.workers = 1
-    assert tokenize.run(again, log=lambda _: None)["skipped"] is False
+    assert PIPELINE.run("tokenize", again, log=lambda _: None)["skipped"] is False
     assert first["counts"]["tokens"]["train"] > 0
-    assert first["counts"]["dataset"] == json.loads((out_dir(dedup, cfg) / MANIFEST).read_text())["digest"]
+    assert first["counts"]["dataset"] == json.loads((out_dir("dedup", cfg) / MANIFEST).read_text())["digest"]
+
+
+def test_tokenizer_round_trips_and_has_eos(data_pipeline):
+    cfg, root, stats = data_pipeline
+    tok = bpe.load(PIPELINE.output("tokenizer", cfg))
+    assert tok.get_vocab_size() == 1000 == stats["tokenizer"]["vocab_size"]
+    for text in ["Plain English.", "Größe naïve café — 東京 🚀\ttabs\nnewlines", " leading  spaces "]:
+        assert tok.decode(tok.encode(text).ids) == text
+    assert tok.token_to_id(cfg.tokenizer.eos_token) == stats["tokenizer"]["eos_id"]
+
+
+def test_tokenizer_stage_loads_an_existing_tokenizer(data_pipeline, tmp_path):
+    cfg, root, stats = data_pipeline
+    given = tmp_path / "given.json"
+    given.write_text((out_dir("tokenizer", cfg) / "tokenizer.json").read_text())
+    reuse = cfg.model_copy(deep=True)
+    reuse.storage.root = str(tmp_path / "out")
+    reuse.tokenizer.path = str(given)
+    (tmp_path / "out").mkdir()
+    s = PIPELINE.run("tokenizer", reuse, log=lambda _: None)
+    assert s["trained"] is False and s["vocab_size"] == stats["tokenizer"]["vocab_size"]
+    assert (out_dir("tokenizer", reuse) / "tokenizer.json").read_text() == given.read_text()

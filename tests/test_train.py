@@ -26,10 +26,13 @@ import psutil
 import pytest
 import torch
 
-from stages import evaluate, scaling, storage, train_report
-from stages.config import PipelineConfig
-from stages.launch import child_config_json, run_training, run_uri, torchrun_command
-from stages.train import DivergenceGuard, TrainingDiverged
+from stages.core import storage
+from stages.core.config import PipelineConfig
+from stages.evaluate import lm as harness
+from stages.train import report as train_report
+from stages.train import scaling
+from stages.train.stage import child_config_json, run_training, run_uri, torchrun_command
+from stages.train.worker import DivergenceGuard, TrainingDiverged
 
 EOS = "<|endoftext|>"
 BIG_BATCH = 24  # sequences per rank per step in the runs that must cross an epoch boundary
@@ -197,10 +200,11 @@ def test_child_config_has_no_secrets_and_command_shape():
     assert "AKIA-SECRET-ID" not in text and "very-secret-key" not in text
     assert PipelineConfig.model_validate_json(text).storage.root == "s3://bucket/run"
 
-    cmd = torchrun_command(cfg, "/tmp/c.json")
-    assert "--standalone" in cmd and cmd[-4:] == ["-m", "stages.train", "--config-json", "/tmp/c.json"]
+    cmd = torchrun_command(cfg, "/tmp/c.json", "/tmp/r.json")
+    assert "--standalone" in cmd
+    assert cmd[-6:] == ["-m", "stages.train.worker", "--config-json", "/tmp/c.json", "--run-json", "/tmp/r.json"]
     cfg.train.rdzv_endpoint, cfg.train.nnodes = "10.0.0.1:29400", 2
-    cmd = torchrun_command(cfg, "/tmp/c.json")
+    cmd = torchrun_command(cfg, "/tmp/c.json", "/tmp/r.json")
     assert "--standalone" not in cmd and cmd[cmd.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
 
 
@@ -230,7 +234,7 @@ def reference_run(token_data, tmp_path_factory):
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     meta = json.loads((ckpt / "meta.json").read_text())
-    return evaluate.load_model(str(ckpt), meta).state_dict()
+    return harness.load_model(str(ckpt), meta).state_dict()
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -271,7 +275,7 @@ def test_train_two_ranks_local(reference_run):
     assert meta["tokenizer_uri"] == f"{cfg.train.data}/tokenizer.json" and meta["data_uri"] == cfg.train.data
     # lineage: the run's version names its folder and is the digest of what it is a function of
     assert meta["run_version"] == ckpts.name == storage.version_of(meta["run_identity"])
-    assert set(meta["run_identity"]) == {"code", "config", "data"}
+    assert set(meta["run_identity"]) == {"code", "config", "inputs"} and set(meta["run_identity"]["inputs"]) == {"data"}
     assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2
     assert (ckpts / "step-000015" / "meta.json").is_file()
     logged = [json.loads(line) for line in (ckpts / "metrics.jsonl").read_text().splitlines()]
@@ -640,7 +644,7 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 if sys.argv[1] == "keep":
-    from stages.train import keep_freed_memory
+    from stages.train.worker import keep_freed_memory
     assert keep_freed_memory()
 size = 16 << 20  # the tiny preset's logits: 8 x 128 x 4096 floats
 for round in range(41):  # a step's logits-sized blocks, allocated, written and freed each time
@@ -760,7 +764,7 @@ def test_mixture_stop_policy_ends_the_run_where_a_source_ran_out(mixture_run, mi
     meta = json.loads((run_dir(cfg) / f"step-{ran_out:06d}" / "meta.json").read_text())
     assert "on_exhausted: stop" in meta["data_exhausted"] and meta["summary"]["steps"] == ran_out
     assert meta["mixture"] == {"docs": str(root / "tokens"), "books": str(root / "books")}
-    assert len(meta["run_identity"]["mixture"]) == 2  # each source's content digest
+    assert len(meta["run_identity"]["inputs"]["mixture"]) == 2  # each source's content digest
     assert any(f"stopping after step {ran_out} of 12" in line for line in lines)
     assert run_training(cfg, on_line=lambda _: None)["skipped"]  # the run is complete: a rerun has nothing to do
 

@@ -1,0 +1,392 @@
+"""Raw input files to records, one file at a time: what ingest reads and how it tells a bad record from a bad file.
+
+Formats, by extension: JSONL (.jsonl/.json, plain, .gz or .zst), Parquet, WARC with HTML pages (text
+extracted by trafilatura through datatrove), WET (.wet[.gz]: text already extracted), and plain text files
+(.txt/.md, one document per file, as LitGPT's TextFiles).
+
+Every raw record becomes a `Record`: a document, or why it is not one, with its position (line, row or WARC
+record, and the byte offset where known), so the stage can account for each. JSONL and Parquet are read here
+line by line and row by row rather than through datatrove's readers, which skip bad records without saying
+where; WARC parsing (`process_record`) and HTML extraction (`Trafilatura`, run in datatrove's sandbox process so a
+pathological page times out instead of hanging the stage) are datatrove's.
+
+A damaged file (truncated gzip or zstd, a plain file named .gz, a Parquet file without its footer, a WARC cut
+mid-member) is not a bad record: reading stops where the damage is. `read_records` keeps every record read before
+it and ends the file with one `unreadable_tail` record naming the position and the error, so one corrupt file
+never aborts the stage. Errors of the environment rather than the bytes (an endpoint gone, a permission refused,
+an I/O error: an OSError with an errno) still fail the stage, which then resumes: quarantining a file because the
+network blinked would lose it.
+
+Memory per record is bounded whatever the input: a JSONL line longer than `line_limit` is skipped in pieces
+(quarantined as too_large with its start), a text file is read only up to max_doc_bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import IO
+
+from datatrove.pipeline.extractors.base import ExtractorSandbox
+
+from stages.core import storage
+from stages.core.config import IngestConfig, PipelineConfig
+from stages.core.documents import Doc
+from stages.core.parallel import exit_when_gone
+
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".jsonl.zst": "jsonl",
+    ".json": "jsonl",
+    ".json.gz": "jsonl",
+    ".json.zst": "jsonl",
+    ".parquet": "parquet",
+    ".warc": "warc",
+    ".warc.gz": "warc",
+    ".wet": "warc",
+    ".wet.gz": "warc",
+    ".txt": "text",
+    ".md": "text",
+}
+QUARANTINE_RAW_CHARS = 2000  # enough of a bad record to see what is wrong with it
+BOM = b"\xef\xbb\xbf"
+SKIP_CHUNK = 1 << 20  # an over-long line is skipped this many bytes at a time
+# Exceptions that are the environment's, not the file's: they fail the stage (see the module docstring).
+ENVIRONMENT_ERRORS = (PermissionError, FileNotFoundError, ConnectionError, TimeoutError, MemoryError)
+
+
+def detect_format(uri: str) -> str:
+    name = PurePosixPath(uri).name.lower()
+    for suffix, fmt in sorted(FORMATS.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(suffix):
+            return fmt
+    raise ValueError(f"{uri}: unknown input format (expected one of {', '.join(sorted(FORMATS))})")
+
+
+@dataclass
+class Record:
+    """One raw record: a document, or why it is not one."""
+
+    where: str  # "line 12", "row 7", "record 3", "file"
+    doc: Doc | None = None
+    reason: str | None = None
+    raw: str = ""
+    offset: int | None = None  # byte offset of the record (in the decompressed stream), where known
+
+
+@dataclass
+class Cursor:
+    """Where a reader is about to read: what an unreadable tail is reported from."""
+
+    where: str = "the start"
+    offset: int | None = 0
+
+    def at(self, where: str, offset: int | None) -> None:
+        self.where, self.offset = where, offset
+
+
+def _bad(where: str, reason: str, raw, offset: int | None = None) -> Record:
+    if isinstance(raw, bytes):
+        raw = raw[: QUARANTINE_RAW_CHARS * 4].decode("utf-8", errors="replace")
+    return Record(where, reason=reason, raw=str(raw)[:QUARANTINE_RAW_CHARS], offset=offset)
+
+
+def _check_text(text, where: str, ic: IngestConfig, raw, offset: int | None) -> Record | None:
+    if not isinstance(text, str):
+        return _bad(where, "missing_text", raw, offset)
+    if len(text.strip()) < ic.min_text_chars:
+        return _bad(where, "empty_text", raw, offset)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates from a JSON \ud800 escape: not representable as UTF-8
+        return _bad(where, "not_utf8", raw, offset)
+    if size > ic.max_doc_bytes:
+        return _bad(where, "too_large", f"{size} bytes: {text[:200]}", offset)
+    if "\x00" in text:  # NUL never occurs in text: a binary file, or bytes that happen to decode
+        return _bad(where, "binary", raw, offset)
+    return None
+
+
+def default_id(uri: str, where: str) -> str:
+    """A record's id when it has none: its input's full URI and position, unique across all inputs of a run."""
+    return f"{uri}#{where.replace(' ', '-')}"
+
+
+def _from_object(obj: dict, uri: str, where: str, ic: IngestConfig, raw, offset: int | None = None) -> Record:
+    text = obj.get("text")
+    bad = _check_text(text, where, ic, raw, offset)
+    if bad:
+        return bad
+    metadata = obj.get("metadata") or {}
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except (ValueError, RecursionError):
+            metadata = {"metadata": metadata}
+    if not isinstance(metadata, dict):
+        metadata = {"metadata": metadata}
+    extra = {k: v for k, v in obj.items() if k not in ("id", "text", "url", "metadata") and v is not None}
+    doc_id = obj.get("id")
+    doc_id = str(doc_id) if doc_id is not None else default_id(uri, where)
+    url = obj.get("url")
+    doc = Doc(doc_id, text.strip(), uri, str(url) if url else None, {**metadata, **extra})
+    return Record(where, doc, offset=offset)
+
+
+def line_limit(ic: IngestConfig) -> int:
+    """The longest JSONL line read whole: a document of max_doc_bytes, JSON-escaped (at most 6 bytes a character:
+    \\uXXXX), plus room for its other fields. Longer lines are too_large without being held in memory."""
+    return 6 * ic.max_doc_bytes + (1 << 20)
+
+
+@contextlib.contextmanager
+def open_lines(uri: str, cfg: PipelineConfig) -> Iterator[IO[bytes]]:
+    """A binary file object whose readline takes a size, decompressing .gz and .zst on the fly.
+
+    fsspec's own zstd wrapper cannot iterate lines, and its remote files' readline takes no size, so every case is
+    wrapped here in a standard buffered reader.
+    """
+    with storage.open_uri(uri, "rb", cfg.storage) as raw:
+        name = uri.lower()
+        if name.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw) as f:
+                yield f
+        elif name.endswith(".zst"):
+            yield io.BufferedReader(ZstdFrames(raw), SKIP_CHUNK)
+        else:
+            yield io.BufferedReader(raw, SKIP_CHUNK)
+
+
+class ZstdFrames(io.RawIOBase):
+    """A zstd stream of one or more frames, read through. One that ends inside a frame raises EOFError, as gzip does:
+    zstandard's own stream_reader just ends there, which passes a truncated file off as a shorter one."""
+
+    def __init__(self, raw: IO[bytes]):
+        import zstandard
+
+        self.raw, self.context = raw, zstandard.ZstdDecompressor()
+        self.frame = self.context.decompressobj()
+        self.started = False
+        self.pending, self.position = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.position >= len(self.pending):
+            chunk = self.raw.read(1 << 16)
+            if not chunk:
+                if self.started and not self.frame.eof:
+                    raise EOFError("zstd stream ended inside a frame (the file is truncated)")
+                return 0
+            self.pending, self.position = self._decompress(chunk), 0
+        n = min(len(buffer), len(self.pending) - self.position)
+        buffer[:n] = self.pending[self.position : self.position + n]
+        self.position += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self.frame.eof:  # the next frame begins in what the last one left over
+                self.frame = self.context.decompressobj()
+            self.started = True
+            out.append(self.frame.decompress(data))
+            data = self.frame.unused_data if self.frame.eof else b""
+        return b"".join(out)
+
+
+def bounded_lines(f: IO[bytes], limit: int, cursor: Cursor) -> Iterator[tuple[int, int, bytes, bool]]:
+    """(line number, byte offset, line, whole) for every line; a line over `limit` bytes comes as its first
+    QUARANTINE_RAW_CHARS bytes with whole=False, the rest skipped without being held."""
+    number = offset = 0
+    while True:
+        cursor.at(f"line {number + 1}", offset)
+        line = f.readline(limit)
+        if not line:
+            return
+        number, start = number + 1, offset
+        offset += len(line)
+        if line.endswith(b"\n") or len(line) < limit:
+            yield number, start, line, True
+            continue
+        while (rest := f.readline(SKIP_CHUNK)) and not rest.endswith(b"\n"):
+            offset += len(rest)
+        offset += len(rest)
+        yield number, start, line[:QUARANTINE_RAW_CHARS], False
+
+
+def read_jsonl(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter) -> Iterator[Record]:
+    with open_lines(uri, cfg) as f:
+        for number, offset, line, whole in bounded_lines(f, line_limit(cfg.ingest), cursor):
+            where = f"line {number}"
+            if not whole:
+                yield _bad(where, "too_large", line, offset)
+                continue
+            if number == 1:
+                line = line.removeprefix(BOM)
+            if not line.strip():
+                continue  # a blank line is not a record
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield _bad(where, "not_utf8", line, offset)
+                continue
+            # (ValueError: malformed JSON, or an integer past Python's 4300 digits; RecursionError: nesting too deep)
+            except (ValueError, RecursionError):
+                yield _bad(where, "invalid_json", line, offset)
+                continue
+            if not isinstance(obj, dict):
+                yield _bad(where, "not_an_object", line, offset)
+                continue
+            yield _from_object(obj, uri, where, cfg.ingest, line, offset)
+
+
+def read_parquet(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    with storage.open_uri(uri, "rb", cfg.storage) as f:
+        row = 0
+        cursor.at("row 1", None)
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+            for obj in batch.to_pylist():
+                row += 1
+                yield _from_object(obj, uri, f"row {row}", cfg.ingest, json.dumps(obj, default=str))
+            cursor.at(f"row {row + 1}", None)
+
+
+def read_text_file(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter) -> Iterator[Record]:
+    limit = cfg.ingest.max_doc_bytes + len(BOM)
+    with storage.open_uri(uri, "rb", cfg.storage) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        yield _bad("file", "too_large", f"over {cfg.ingest.max_doc_bytes} bytes: {data[:200]!r}", 0)
+        return
+    try:
+        text = data.removeprefix(BOM).decode("utf-8")
+    except UnicodeDecodeError:
+        yield _bad("file", "not_utf8", data, 0)
+        return
+    text = text.replace("\r\n", "\n")
+    yield _from_object({"id": uri, "text": text}, uri, "file", cfg.ingest, data, 0)
+
+
+class RestartableSandbox(ExtractorSandbox):
+    """datatrove's ExtractorSandbox (HTML extraction in a child process that a timeout can kill), restartable
+    under any start method.
+
+    After a timeout the sandbox starts a new child, pickling itself as part of the child's target unless the
+    start method is fork. Inside our worker processes the start method is forkserver, and the sandbox then holds
+    the previous child's Process object, which cannot be pickled ('cannot pickle weakref'): the restart failed,
+    and every later page of the file with it. The child needs only the sandbox's settings, so only those are
+    pickled.
+    """
+
+    def __init__(self, timeout: float, warmup_text: str = ""):
+        super().__init__(timeout, warmup_text)
+        self.owner = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {"timeout": self.timeout, "warmup_text": self.warmup_text, "owner": self.owner}
+
+    def _worker(self, conn, extract_fn):
+        exit_when_gone(self.owner)  # (the child: it must not outlive the process extracting through it)
+        return super()._worker(conn, extract_fn)
+
+
+def read_warc(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter) -> Iterator[Record]:
+    """Response records with HTML (extracted) and WET conversion records (already text). A record whose payload
+    ends before its Content-Length (a file cut short) is quarantined as truncated_record."""
+    from datatrove.pipeline.extractors import Trafilatura
+    from warcio.archiveiterator import ArchiveIterator
+
+    timeout = cfg.ingest.extract_timeout_s
+    extractor = Trafilatura(favour_precision=True, timeout=timeout)
+    with storage.open_uri(uri, "rb", cfg.storage) as f, RestartableSandbox(timeout) as sandbox:
+        cursor.at("record 1", 0)
+        records = ArchiveIterator(f)
+        for number, record in enumerate(records, 1):
+            where = f"record {number}"
+            try:
+                result = _warc_document(record, where, uri, cfg.ingest, sandbox, extractor.extract, skipped)
+            except Exception as exc:
+                if is_environmental(exc, cfg):
+                    raise
+                result = _bad(where, "invalid_record", f"{type(exc).__name__}: {exc}")
+            short = _unread_payload(record)
+            offset = records.get_record_offset()  # (the record is read to its end by now)
+            cursor.at(f"record {number + 1}", offset + records.get_record_length())
+            if short:
+                yield _bad(where, "truncated_record", f"payload {short} bytes short of its Content-Length", offset)
+            elif isinstance(result, Record):
+                result.offset = offset
+                yield result
+            else:
+                skipped[result] += 1
+
+
+def _warc_document(record, where: str, uri: str, ic: IngestConfig, sandbox, extract: Callable, skipped) -> Record | str:
+    """The record's document or why it is not one; a str: the kind of record skipped (not a document)."""
+    from datatrove.pipeline.readers.warc import process_record
+
+    if record.rec_type not in ("response", "conversion"):
+        return "warc_non_document_records"  # warcinfo, request, metadata
+    data = process_record(record)
+    if data is None:
+        return "warc_non_html_records"  # images, PDFs, ...: not text documents
+    text = data["text"]
+    if record.rec_type == "response":
+        try:
+            text = sandbox.process_document(text, extract) or ""
+        except TimeoutError:
+            return _bad(where, "extraction_timeout", data["url"])
+        except Exception as exc:  # the child died or trafilatura raised: this page, not the stage
+            return _bad(where, "extraction_failed", f"{data['url']}: {exc}")
+        if not text.strip():
+            return _bad(where, "extraction_empty", data["url"])
+    obj = {"id": data["id"], "text": text, "url": data["url"], "metadata": {"date": data["date"]}}
+    return _from_object(obj, uri, where, ic, data["url"])
+
+
+def _unread_payload(record) -> int:
+    """Bytes of the record's Content-Length that its file did not hold (0: complete). Reads what is left of it."""
+    from warcio.limitreader import LimitReader
+
+    stream = record.raw_stream
+    if not isinstance(stream, LimitReader):  # no Content-Length to hold it to (and reading on would eat the file)
+        return 0
+    while stream.read(SKIP_CHUNK):
+        pass
+    return max(stream.limit, 0)
+
+
+READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text_file, "warc": read_warc}
+
+
+def is_environmental(exc: BaseException, cfg: PipelineConfig) -> bool:
+    """Whether `exc` is the environment's (fail the stage, resume later) rather than the file's (quarantine)."""
+    if isinstance(exc, ENVIRONMENT_ERRORS) or storage.unreachable(exc, cfg.storage) is not None:
+        return True
+    return isinstance(exc, OSError) and exc.errno is not None  # (gzip's BadGzipFile is an OSError without one)
+
+
+def read_records(uri: str, cfg: PipelineConfig, skipped: Counter) -> Iterator[Record]:
+    """Every record of one file; a file that cannot be read to its end ends with one `unreadable_tail` record."""
+    cursor = Cursor()
+    try:
+        yield from READERS[detect_format(uri)](uri, cfg, cursor, skipped)
+    except Exception as exc:
+        if is_environmental(exc, cfg):
+            raise
+        at = f", byte {cursor.offset}" if cursor.offset is not None else ""
+        error = f"{type(exc).__name__}: {exc}"
+        yield _bad(f"{cursor.where} to the end", "unreadable_tail", f"reading stopped at {cursor.where}{at}: {error}",
+                   cursor.offset)  # fmt: skip

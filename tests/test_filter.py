@@ -1,0 +1,144 @@
+"""The filter stage (stages/filter/): removals counted per rule with a sample kept, datatrove's blocks with the
+configured thresholds, the quality classifier trained and applied, and datatrove's word tokens."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow.parquet as pq
+
+from stages.core.config import REPO_ROOT as REPO
+from stages.core.config import load_config
+from stages.core.documents import read_docs
+from stages.filter import quality_model
+from stages.ingest import readers
+from stages.pipeline import PIPELINE
+from tests.conftest import docs_in, out_dir
+
+
+def test_filter_counts_removals_per_rule_and_keeps_removed_docs(data_pipeline):
+    cfg, root, stats = data_pipeline
+    s = stats["filter"]
+    assert s["docs_in"] == stats["ingest"]["docs_out"]
+    assert s["docs_in"] == s["docs_out"] + sum(s["removed"].values())
+    rules = ["url", "language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality", "c4_badwords"]
+    assert list(s["removed"]) == rules
+    assert s["removed"]["language"] > 0 and s["removed"]["gopher_quality"] > 0
+    assert s["bytes_out"] + sum(s["removed_bytes"].values()) <= s["bytes_in"]
+    assert all(s["removed_bytes"][r] > 0 for r in rules if s["removed"][r])
+    kept = docs_in(out_dir("filter", cfg))
+    assert kept and all(d.metadata["language"] == "en" and d.metadata["language_score"] >= 0.65 for d in kept)
+    removed = [d for f in (out_dir("filter", cfg) / "removed").glob("*.parquet") for d in read_docs(str(f))]
+    sampled = Counter(d.metadata["removed_by"].split(":")[0] for d in removed)
+    # a bounded sample per rule and shard, and every rule that removed something has examples
+    assert all(
+        0 < sampled[r] <= min(s["removed"][r], cfg.filter.removed_sample_per_rule * 10)
+        for r in rules
+        if s["removed"][r]
+    )
+    assert any(d.metadata["language"] in ("de", "fr", "es") for d in removed)
+
+
+def test_url_badwords_pii_rules_and_configured_thresholds(tmp_path):
+    badword = next(
+        w for w in (REPO / "models" / "badwords" / "en").read_text().split("\n") if w.isalpha() and len(w) > 4
+    )
+    sentence = "The committee met on Tuesday to discuss the budget for the new library and the repairs to the bridge."
+    body = " ".join([sentence] * 6)
+    docs = [
+        {"id": "blocked", "text": body, "url": "https://news.blocked-site.com/today"},
+        {"id": "rude", "text": f"{body} Then someone said {badword} loudly.", "url": "https://ok.example/1"},
+        {
+            "id": "pii",
+            "text": f"{body} Write to jane.doe@mail.example.com or ping 8.8.8.8 or 192.168.1.7.",
+            "url": None,
+        },
+        {
+            "id": "short",
+            "text": "The library opened on time and the bridge was repaired at last by the city.",
+            "url": None,
+        },
+    ]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    overrides = {
+        "storage.root": str(tmp_path / "out"),
+        "ingest.inputs": [str(src)],
+        "filter.url.extra_domains": ["blocked-site.com"],
+        "filter.gopher_repetition.enabled": False,  # the test text repeats itself on purpose
+        "filter.fineweb_quality.enabled": False,
+        "filter.c4_quality.enabled": False,
+    }
+    cfg = load_config("tiny", overrides)
+    PIPELINE.run("ingest", cfg, log=lambda _: None)
+    s = PIPELINE.run("filter", cfg, log=lambda _: None)
+    assert "gopher_repetition" not in s["removed"]
+    assert (s["removed"]["url"], s["removed"]["c4_badwords"], s["removed"]["gopher_quality"]) == (1, 1, 1)
+    kept = {d.id: d.text for d in docs_in(out_dir("filter", cfg))}
+    assert list(kept) == ["pii"] and s["pii_redacted_docs"] == 1
+    assert "jane.doe@mail.example.com" not in kept["pii"] and "8.8.8.8" not in kept["pii"]
+    assert "192.168.1.7" in kept["pii"]  # private addresses are not personal data
+    lenient = load_config("tiny", {**overrides, "filter.gopher_quality.min_doc_words": 10})
+    assert PIPELINE.run("filter", lenient, log=lambda _: None)["removed"]["gopher_quality"] == 0
+
+
+def test_quality_classifier_is_trained_evaluated_and_applied(small_corpus, tmp_path):
+    rows = pq.read_table(REPO / "data" / "sample" / "reference.parquet").to_pylist()
+    reference = [r for r in rows if json.loads(r["metadata"]).get("kind") == "rest-source"]
+    positive = tmp_path / "reference.jsonl"
+    positive.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in reference))
+    overrides = {
+        "storage.root": str(tmp_path / "out"),
+        "ingest.inputs": [str(small_corpus["jsonl"]), str(small_corpus["warc"])],
+        "filter.quality.enabled": True,
+        "filter.quality.positive": [str(positive)],
+        "filter.quality.max_examples": 300,
+        # the classifier is what is tested: the heuristic rules (the slow part) are off
+        **{
+            f"filter.{rule}.enabled": False
+            for rule in ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality", "c4_badwords")
+        },  # fmt: skip
+    }
+    cfg = load_config("tiny", overrides)
+    PIPELINE.run("ingest", cfg, log=lambda _: None)
+    s = PIPELINE.run("filter", cfg, log=lambda _: None)
+    q = s["quality_classifier"]
+    assert q["examples"]["positive"] == len(reference) and q["examples"]["negative"] == 300  # capped: max_examples
+    assert q["held_out_precision"] >= 0.9 and q["held_out_recall"] >= 0.9
+    assert list(s["removed"])[-1] == "quality" and s["removed"]["quality"] > 0
+    assert (out_dir("filter", cfg) / q["model"]).is_file()
+
+    # Python's documentation (pages and reST sources, like the reference corpus) survives the classifier
+    def python_share(docs) -> float:
+        python = ["docs.python.org" in (d.url or "") or d.metadata.get("kind") == "rest-source" for d in docs]
+        return sum(python) / len(docs)
+
+    pool, kept = docs_in(out_dir("ingest", cfg)), docs_in(out_dir("filter", cfg))
+    assert python_share(kept) >= 0.75 and python_share(kept) >= 3 * python_share(pool)
+
+    # keep_top_fraction: the threshold is the score keeping that share of the raw pool (the model alone, trained
+    # again: the filter's shard pass is the same code as above)
+    top = load_config("tiny", {**overrides, "filter.quality.keep_top_fraction": 0.2})
+    shards = [str(p) for p in sorted(out_dir("ingest", cfg).glob("part-*.parquet"))]
+    trained = quality_model.train(top, shards, str(tmp_path / "top"))
+    assert trained["threshold"] != q["threshold"]
+
+
+def test_reusing_word_tokenizer_gives_datatrove_tokens(small_corpus):
+    from datatrove.utils import word_tokenizers
+    from datatrove.utils.word_tokenizers import SpaCyTokenizer
+
+    from stages.filter import word_tokens
+
+    records = readers.read_records(str(small_corpus["jsonl"]), load_config("tiny"), Counter())
+    texts = [r.doc.text for r in records if r.doc][:150]
+    texts += ["", "  \n ", "IS_ALPHA breaks spaCy", "Dr. Smith's e-mail: a@b.co! Next line.\n東京 🚀 ok."]
+    word_tokens.install()
+    word_tokens.install()  # idempotent
+    ours = word_tokenizers.load_word_tokenizer("en")
+    reference = SpaCyTokenizer("en")
+    assert type(ours) is not SpaCyTokenizer and word_tokenizers.load_word_tokenizer("en") is ours
+    for method in ("word_tokenize", "sent_tokenize", "span_tokenize"):
+        for text in texts + texts[:5]:  # the repeats come from the remembered results
+            assert getattr(ours, method)(text) == getattr(reference, method)(text), (method, text[:80])
