@@ -9,7 +9,7 @@ about 3,000 documents and this measures 10^4 to 10^6. The corpus is committed as
 shards of 10,000 documents, exactly what the dedup stage reads in the pipeline.
 
 Both runs use the same shards, FineWeb's settings (word 5-grams, 14 bands x 8 rows) and 2 worker processes:
-- ours: `stages.dedup.run` (signatures, bucket units by key range, clusters, write);
+- ours: the dedup stage (`PIPELINE.run("dedup", ...)`) (signatures, bucket units by key range, clusters, write);
 - datatrove: MinhashDedupSignature -> MinhashDedupBuckets -> MinhashDedupCluster -> MinhashDedupFilter, each a
   LocalPipelineExecutor as in datatrove's examples/minhash_deduplication.py, reading the shards with its
   ParquetReader and writing Parquet.
@@ -38,9 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.stage_times import machine, write_section  # noqa: E402
-from stages.core.config import load_config  # noqa: E402
 from stages.core.documents import Doc, ShardWriter  # noqa: E402
-from stages.filter import stage as filter  # noqa: E402
+from stages.core.storage import StageOutput
 
 SECTION = "## Near-dedup throughput and memory"
 SAMPLE = REPO / "data" / "sample"
@@ -49,10 +48,12 @@ SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 OURS = """
 import sys
-from stages.dedup import stage as dedup
 from stages.core.config import load_config
+from stages.core.storage import StageOutput
+from stages.pipeline import PIPELINE
 cfg = load_config("tiny", {"storage.root": sys.argv[1], "dedup.workers": 2})
-stats = PIPELINE.run("dedup", cfg, log=lambda _: None)
+corpus = StageOutput("corpus", sys.argv[1] + "/corpus")  # (its input: the stage contract takes any committed output)
+stats = PIPELINE["dedup"].run(cfg, {"docs": corpus}, log=lambda _: None)
 print("RESULT", stats["docs_in"], stats["docs_out"])
 """
 
@@ -68,7 +69,7 @@ if __name__ == "__main__":
     root, shards = sys.argv[1], int(sys.argv[2])
     config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
     work = f"{root}/datatrove"
-    reader = lambda: ParquetReader(f"{root}/filter", glob_pattern="part-*.parquet")
+    reader = lambda: ParquetReader(f"{root}/corpus", glob_pattern="part-*.parquet")
     common = dict(workers=2, start_method="forkserver")
     stages = [
         LocalPipelineExecutor([reader(), MinhashDedupSignature(f"{work}/signatures", config=config)],
@@ -100,14 +101,13 @@ def sentences() -> list[str]:
     return sorted(found)
 
 
-def build_corpus(n: int, root: Path, seed: int = 0, stage=filter) -> None:
-    """`n` documents (90% drawn, 10% planted near-copies of drawn ones) as a stage's committed output (by
-    default the filter stage's, which dedup reads)."""
+def build_corpus(n: int, root: Path, seed: int = 0) -> StageOutput:
+    """`n` documents (90% drawn, 10% planted near-copies of drawn ones), committed at `{root}/corpus` as a stage's
+    output is: what the dedup or tokenizer stage then reads as its `docs` input."""
     rng = random.Random(seed)
     pool = sentences()
     originals = int(n / 1.1)
-    cfg = load_config("tiny", {"storage.root": str(root)})
-    out = stage.output(cfg)
+    out = StageOutput("corpus", str(root / "corpus"))
     drawn: list[str] = []
     with ShardWriter(out.uri, "part", DOCS_PER_SHARD) as writer:
         for i in range(n):
@@ -122,6 +122,7 @@ def build_corpus(n: int, root: Path, seed: int = 0, stage=filter) -> None:
                 text = " ".join(words)
             writer.write(Doc(f"doc-{i:08d}", text, "bench"))
     out.commit({"bench": n}, {}, {}, writer.files)
+    return out
 
 
 def run_measured(code: str, args: list[str]) -> dict:
@@ -149,8 +150,8 @@ def measure(sizes: list[int], datatrove_up_to: int) -> list[dict]:
     rows = []
     for n in sizes:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-            build_corpus(n, Path(tmp))
-            shards = len(list((Path(tmp) / "filter").glob("part-*.parquet")))
+            corpus = build_corpus(n, Path(tmp))
+            shards = len([name for name in corpus.manifest()["files"] if name.endswith(".parquet")])
             row = {"docs": n, "ours": run_measured(OURS, [tmp])}
             if n <= datatrove_up_to:
                 row["datatrove"] = run_measured(DATATROVE, [tmp, str(shards)])

@@ -4,7 +4,7 @@
 
 The bundled sample is ingested once (shards of `--docs-per-shard` documents). Then, each in a fresh process
 with 2 worker processes:
-- ours: `stages.filter.run` with the tiny preset's rules (FineWeb's order and thresholds);
+- ours: the filter stage (`PIPELINE.run("filter", ...)`) with the tiny preset's rules (FineWeb's order and thresholds);
 - datatrove: ParquetReader -> URLFilter -> LanguageFilter -> GopherRepetitionFilter -> GopherQualityFilter ->
   C4QualityFilter -> FineWebQualityFilter -> C4BadWordsFilter -> PIIFormatter -> JsonlWriter, one
   LocalPipelineExecutor task per shard, with the blocks built from the same config objects. Like ours it is
@@ -39,7 +39,7 @@ OFFLINE_LISTS = "BENCH_BADWORDS_LISTS"
 
 OURS = """
 import sys
-from stages.filter import stage as filter
+from stages.pipeline import PIPELINE
 from stages.core.config import load_config
 cfg = load_config("tiny", {"storage.root": sys.argv[1], "filter.workers": 2})
 PIPELINE.run("filter", cfg, log=lambda _: None)

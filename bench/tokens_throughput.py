@@ -4,8 +4,8 @@ from a local S3 endpoint against what the trainer consumes.
     .venv/bin/python bench/tokens_throughput.py [--docs 40000] [--workers 2] [--write]
 
 Corpus: `--docs` documents of 4 to 12 English sentences drawn from the bundled sample (bench/dedup_scale.py),
-committed as the dedup stage's output in shards of 10,000; the tokenizer stage trains the tiny preset's BPE
-(vocab 4,096) on it. Then, side by side in one run:
+committed as a stage output in shards of 10,000 (the tokenizer and tokenize stages read it as their documents);
+the tokenizer stage trains the tiny preset's BPE (vocab 4,096) on it. Then, side by side in one run:
 1. raw: `--workers` processes, each reading its shards' texts and calling `Tokenizer.encode_batch_fast` on them
    (the same batches of 256 the stage uses), counting tokens; nothing written. Raw and stage runs alternate
    three times and the best of each counts;
@@ -38,7 +38,7 @@ from bench.dedup_scale import build_corpus  # noqa: E402
 from bench.stage_times import machine, write_section  # noqa: E402
 from stages.core.config import load_config  # noqa: E402
 from stages.core.documents import read_texts  # noqa: E402
-from stages.dedup import stage as dedup
+from stages.core.storage import StageOutput
 from stages.pipeline import PIPELINE
 from stages.tokenizer.bpe import FILENAME as TOKENIZER_FILE
 from stages.train import loader
@@ -72,28 +72,25 @@ def free_port() -> int:
 
 
 def measure_tokenize(docs: int, workers: int, root: Path) -> dict:
-    build_corpus(docs, root, stage=dedup)
+    corpus = build_corpus(docs, root)  # (the stages read it as their `docs` input: the contract takes any output)
     base = {"storage.root": str(root), "tokenize.workers": workers}
     cfg = load_config("tiny", {**base, **NO_DECONTAMINATION})
-    PIPELINE.run("tokenizer", cfg, log=lambda _: None)
-    deduped = PIPELINE.output("dedup", cfg)
-    shards = [deduped.path(s) for s in sorted(deduped.manifest()["files"]) if s.endswith(".parquet")]
-    tokenizer_path = PIPELINE.output("tokenizer", cfg).path(TOKENIZER_FILE)
+    PIPELINE["tokenizer"].run(cfg, {"docs": corpus}, log=lambda _: None)
+    inputs = {"docs": corpus, "tokenizer": PIPELINE["tokenizer"].output(cfg, {"docs": corpus})}
+    shards = [corpus.path(s) for s in sorted(corpus.manifest()["files"]) if s.endswith(".parquet")]
+    tokenizer_path = inputs["tokenizer"].path(TOKENIZER_FILE)
     raw_s = stage_s = float("inf")
     for _ in range(REPEATS):  # alternated, best of each: the machine's noise hits both alike
         with ProcessPoolExecutor(workers) as pool:
             raw_tokens, seconds = timed(lambda: sum(pool.map(encode_raw, [(s, tokenizer_path) for s in shards])))
         raw_s = min(raw_s, seconds)
         shutil.rmtree(root / "tokens", ignore_errors=True)
-        stats, seconds = timed(lambda: PIPELINE.run("tokenize", cfg, log=lambda _: None))
+        stats, seconds = timed(lambda: PIPELINE["tokenize"].run(cfg, inputs, log=lambda _: None))
         stage_s = min(stage_s, seconds)
     stage_tokens = sum(stats["tokens"].values()) - stats["docs_in"]  # minus one EOS per document
     decon_root = root / "decontaminated"
     decon = load_config("tiny", {**base, "storage.root": str(decon_root)})
-    decon_root.mkdir()
-    for stage in ("dedup", "tokenizer"):
-        os.symlink(root / stage, decon_root / stage)  # the same input, read in place
-    decon_stats, decon_s = timed(lambda: PIPELINE.run("tokenize", decon, log=lambda _: None))
+    decon_stats, decon_s = timed(lambda: PIPELINE["tokenize"].run(decon, inputs, log=lambda _: None))
     return {
         "docs": docs,
         "workers": workers,
@@ -127,12 +124,14 @@ def measure_loader(root: Path) -> dict:
         client.create_bucket(Bucket="bench")
         cfg = load_config("tiny-s3", {"storage.endpoint_url": endpoint, "storage.root": "s3://bench/run",
                                       "tokenize.workers": 2, **NO_DECONTAMINATION})  # fmt: skip
-        for stage in ("dedup", "tokenizer"):
-            local = root / stage
-            for path in sorted(local.rglob("*")):
+        inputs = {}
+        for role, folder in (("docs", root / "corpus"), ("tokenizer", next((root / "tokenizer").iterdir()))):
+            key = f"run/{folder.relative_to(root)}"
+            for path in sorted(folder.rglob("*")):
                 if path.is_file():
-                    client.upload_file(str(path), "bench", f"run/{stage}/{path.relative_to(local)}")
-        PIPELINE.run("tokenize", cfg, log=lambda _: None)
+                    client.upload_file(str(path), "bench", f"{key}/{path.relative_to(folder)}")
+            inputs[role] = StageOutput(role, f"s3://bench/{key}", cfg.storage)
+        PIPELINE["tokenize"].run(cfg, inputs, log=lambda _: None)
         with tempfile.TemporaryDirectory() as cache:
             os.environ[loader.CACHE_ENV] = cache
             batches = loader.make_loader(cfg, "train", cfg.train.micro_batch_size, shuffle=True, num_workers=0)

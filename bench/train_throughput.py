@@ -8,7 +8,7 @@ Data: the tiny preset's pipeline (ingest .. tokenize on the bundled sample) unde
 when its manifests match. Then, alternating within one run so the machine's noise hits both alike:
 - the trainer (`stages.train.stage.run_training`: torchrun, litdata's StreamingDataLoader, the divergence guard,
   per-step all-reduced loss and metrics) on 1 process and on 2 with each `train.data_parallel` (fsdp, ddp);
-- the baseline: nanoGPT's loop around the same `stages.model.Transformer` (same dims, init, AdamW, schedule and
+- the baseline: nanoGPT's loop around the same `stages.train.model.Transformer` (same dims, init, AdamW, schedule and
   clipping), batches cut at random offsets from one in-memory token array as nanoGPT's get_batch does, and for 2
   processes under torchrun the same parallelism as the trainer beside it: FSDP2 laid out as the trainer does it,
   or DistributedDataParallel (nanoGPT's choice).
@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO))
 from bench.stage_times import machine, write_section  # noqa: E402
 from stages.core.config import PipelineConfig, load_config  # noqa: E402
 from stages.pipeline import PIPELINE
-from stages.train import stage as launch
 from stages.train.data import tokenizer_vocab_size
+from stages.train.stage import run_training
 
 SECTION = "## Trainer throughput against a plain PyTorch loop"
 KEEP_SECTION = "## Trainer throughput: the plain loop with the trainer's malloc setting"
@@ -69,7 +69,7 @@ def run_trainer(cfg: PipelineConfig, nproc: int, steps: int, skip: int) -> float
         t.nproc_per_node, t.max_steps, t.checkpoint_every, t.val_every = nproc, steps, steps, steps
         t.global_batch_size = None  # one micro-batch per rank per step, as the baseline
         records: list[dict] = []
-        launch.run_training(run_cfg, on_line=lambda _: None, on_metric=records.append)
+        run_training(run_cfg, on_line=lambda _: None, on_metric=records.append)
     return steady_tokens_per_s(records, skip)
 
 

@@ -13,6 +13,7 @@ so a bad config fails before any work starts.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 from typing import Any
@@ -93,9 +94,9 @@ class ProgressBar:
 
 def run_stage(stage_name: str, cfg: PipelineConfig, force: Force = False) -> dict:
     """A stage of the registry, as its task runs it (its inputs are built: its output's version is known)."""
-    stages = pipeline.PIPELINE
-    stage, log = stages[stage_name], get_run_logger().info
-    upstream = stages.upstream(stage_name, cfg)
+    registry = pipeline.PIPELINE
+    stage, log = registry[stage_name], get_run_logger().info
+    upstream = registry.upstream(stage_name, cfg)
     with output_lock(stage_name, stage.lock_uri(cfg, upstream), log):
         stats = stage.run(cfg, upstream, log=log, force=force, progress=ProgressBar(f"{stage_name}-progress"))
     return report(stage, cfg, stats)
@@ -119,31 +120,41 @@ def _named(name: str):
     return run_stage_task
 
 
-def submit(stage: Stage, cfg: PipelineConfig, force: Force, after: list) -> tuple[dict, Any]:
-    """Run a stage's task once the tasks in `after` are done (the UI draws those edges): here, or for a stage whose
-    work splits into units with `cluster.dask_address` set, on that Dask cluster through prefect-dask (the stage
-    then spreads its units over the same cluster: stages/core/parallel.py). Its stats, and its state or future."""
-    stage_run = stage_task(stage.name)
-    if stage.units and cfg.cluster.dask_address:
-        from prefect_dask import DaskTaskRunner
+class StageRuns:
+    """Runs stages' tasks, each once the tasks in `after` are done (the UI draws those edges): here, or for a stage
+    whose work splits into units with `cluster.dask_address` set, on that Dask cluster through prefect-dask (the
+    stage then spreads its units over the same cluster: stages/core/parallel.py). One Dask runner serves the whole
+    flow run, opened on first use and closed with `stack`: a stage waits on another's future, which must outlive
+    the runner that made it no more than the run does."""
 
-        with DaskTaskRunner(address=cfg.cluster.dask_address) as runner:
-            future = runner.submit(stage_run, {"cfg": cfg, "force": force}, wait_for=after)
+    def __init__(self, cfg: PipelineConfig, stack: contextlib.ExitStack):
+        self.cfg, self.stack = cfg, stack
+        self.runner = None
+
+    def submit(self, stage: Stage, force: Force, after: list) -> tuple[dict, Any]:
+        """The stage's stats, and its state or future (what later stages wait for)."""
+        stage_run = stage_task(stage.name)
+        if stage.units and self.cfg.cluster.dask_address:
+            if self.runner is None:
+                from prefect_dask import DaskTaskRunner
+
+                self.runner = self.stack.enter_context(DaskTaskRunner(address=self.cfg.cluster.dask_address))
+            future = self.runner.submit(stage_run, {"cfg": self.cfg, "force": force}, wait_for=after)
             return future.result(), future
-    state = stage_run(cfg, force, return_state=True, wait_for=after)
-    return state.result(), state
+        state = stage_run(self.cfg, force, return_state=True, wait_for=after)
+        return state.result(), state
 
 
-def funnel(stats: dict[str, dict], stages: pipeline.Pipeline) -> str:
+def funnel(stats: dict[str, dict], registry: pipeline.Pipeline) -> str:
     """Markdown table: documents and bytes from raw records to training tokens, with what each step removed (every
     funnel stage reports the core keys: stages/core/stage.py)."""
-    first = stats[stages.funnel[0].name]
+    first = stats[registry.funnel[0].name]
     rows = [("raw records", first["docs_in"], first["bytes_in"], "", "")]
-    for stage in stages.funnel:
+    for stage in registry.funnel:
         s = stats[stage.name]
         removed = ", ".join(f"{n} {rule}" for rule, n in s["removed"].items() if n)
-        tokens = s.get("tokens")
-        shown = f"{tokens['train']} train / {tokens['val']} val" if isinstance(tokens, dict) else ""
+        tokens = s.get("tokens")  # (a stage that makes tokens: how many, per split)
+        shown = " / ".join(f"{n} {split}" for split, n in tokens.items()) if isinstance(tokens, dict) else ""
         rows.append((stage.funnel, s["docs_out"], s["bytes_out"], shown, removed))
     lines = ["| step | documents | bytes | tokens | removed |", "|---|---:|---:|---:|---|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
@@ -156,12 +167,14 @@ def run_stages(cfg: PipelineConfig, stages: tuple[Stage, ...], forced: set[str] 
     stats: dict[str, dict] = {}
     runs: dict[str, Any] = {}
     last_funnel = registry.funnel[-1].name if registry.funnel else None
-    for stage in stages:
-        after = [runs[source] for source in stage.inputs.values() if source in runs]
-        force = token if stage.name in forced else False
-        stats[stage.name], runs[stage.name] = submit(stage, cfg, force, after)
-        if stage.name == last_funnel and all(s.name in stats for s in registry.funnel):
-            create_markdown_artifact(key="data-funnel", markdown="# Data funnel\n\n" + funnel(stats, registry))
+    with contextlib.ExitStack() as stack:
+        tasks = StageRuns(cfg, stack)
+        for stage in stages:
+            after = [runs[source] for source in stage.inputs.values() if source in runs]
+            force = token if stage.name in forced else False
+            stats[stage.name], runs[stage.name] = tasks.submit(stage, force, after)
+            if stage.name == last_funnel and all(s.name in stats for s in registry.funnel):
+                create_markdown_artifact(key="data-funnel", markdown="# Data funnel\n\n" + funnel(stats, registry))
     return stats
 
 
@@ -174,9 +187,9 @@ def pretrain(
 ) -> dict:
     """`force`: stages to rebuild even when up to date (any of stages/pipeline.py's). `dry_run`: only the plan
     (what would run and why), as an artifact and the return value."""
-    stages = pipeline.PIPELINE
+    registry = pipeline.PIPELINE
     cfg = resolve_credentials(load_config(preset, overrides))
-    forced = set(stages.check_names(force or []))
+    forced = set(registry.check_names(force or []))
     preflight(cfg)
     logger = get_run_logger()
     logger.info("config %s, outputs under %s", cfg.name, cfg.storage.root)
@@ -193,4 +206,4 @@ def pretrain(
         return {"plan": steps}
     # A forced stage is forced once per flow run: the token (this run's id) lets a retry of it resume what its
     # first attempt rebuilt rather than start that over (stages/core/stage.py: forced_now).
-    return run_stages(cfg, stages.stages, forced, str(flow_run_context.id))
+    return run_stages(cfg, registry.stages, forced, str(flow_run_context.id))

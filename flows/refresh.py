@@ -30,7 +30,7 @@ def data_refresh(preset: str = "tiny", overrides: dict[str, Any] | None = None) 
     """Ingest only raw files new since the last dataset version, dedup them against everything kept, tokenize
     them with the dataset's tokenizer and record a new version; then, with `refresh.continue_training`,
     continue pretraining on the new part and evaluate."""
-    stages = pipeline.PIPELINE
+    registry = pipeline.PIPELINE
     cfg = resolve_credentials(load_config(preset, overrides))
     preflight(cfg)
     logger = get_run_logger()
@@ -53,7 +53,7 @@ def data_refresh(preset: str = "tiny", overrides: dict[str, Any] | None = None) 
                 logger.info("nothing new under ingest.inputs since version %d", previous["version"])
             stats.update(new_files=new, changed_files=changed)
         if part_cfg is not None:
-            stats.update(run_stages(part_cfg, stages.dataset_part))
+            stats.update(run_stages(part_cfg, registry.part_of_a_refresh))
             version = ledger.record(cfg, previous, part_cfg)
             logger.info("recorded dataset version %d", version["version"])
         else:
@@ -69,6 +69,6 @@ def data_refresh(preset: str = "tiny", overrides: dict[str, Any] | None = None) 
         train_cfg = ledger.continued_training_config(cfg, version)
         start = train_cfg.train.initial_checkpoint
         logger.info("continued pretraining on part %d from %s", len(version["parts"]), start)
-        stats.update(run_stages(train_cfg, tuple(s for s in stages.stages if s not in stages.dataset_part)))
+        stats.update(run_stages(train_cfg, registry.training_and_after))
         stats["trained"] = ledger.record_trained(cfg, version, train_cfg)
     return stats

@@ -32,11 +32,11 @@ def main() -> int:
         print("pretrain/full failed; the UI and the log above say which stage", file=sys.stderr)
         return proc.returncode
     cfg = load_config("tiny")
-    stages, known = pipeline.PIPELINE, {}
+    registry, known = pipeline.PIPELINE, {}
     print(f"Outputs under {cfg.storage.root} (one folder per version of each stage):")
-    for stage in stages.stages:
-        print(f"  {stage.name:<11} {stages.output(stage.name, cfg, known).uri}")
-    run = stages.output(stages.trains, cfg, known).uri
+    for stage in registry.stages:
+        print(f"  {stage.name:<11} {registry.output(stage.name, cfg, known).uri}")
+    run = registry.output(registry.trains, cfg, known).uri
     metrics = Path(run, "metrics.jsonl")
     if metrics.exists():
         steps = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -15,6 +15,7 @@ reader of X reading the new stage instead: how a filter slots in between dedup a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from stages.core.config import PipelineConfig
@@ -28,6 +29,8 @@ from stages.tokenize.stage import STAGE as TOKENIZE
 from stages.tokenizer.stage import STAGE as TOKENIZER
 from stages.train.stage import STAGE as TRAIN
 
+NAME = re.compile(r"[a-z][a-z0-9-]*")
+
 
 @dataclass(frozen=True)
 class Pipeline:
@@ -36,8 +39,10 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         seen: dict[str, Stage] = {}
-        folders = {}
+        folders: dict[str, str] = {}
         for stage in self.stages:
+            if not NAME.fullmatch(stage.name):  # (it names Prefect tasks and artifacts: lower case, digits, dashes)
+                raise ValueError(f"pipeline: {stage.name!r} is not a stage name ({NAME.pattern})")
             if stage.name in seen:
                 raise ValueError(f"pipeline: two stages are named {stage.name!r}")
             if stage.build is None and type(stage) is Stage:
@@ -47,8 +52,9 @@ class Pipeline:
             for role, source in stage.inputs.items():
                 if source not in seen:
                     raise ValueError(f"pipeline: {stage.name}.{role} reads {source!r}, which is not an earlier stage")
-            if stage.build is not None and folders.setdefault(stage.folder, stage.name) != stage.name:
-                raise ValueError(f"pipeline: {stage.name} and {folders[stage.folder]} share the folder {stage.folder}")
+            owner = folders.setdefault(stage.folder, stage.name)
+            if owner != stage.name and owner not in stage.inputs.values():  # (evaluate writes inside train's runs)
+                raise ValueError(f"pipeline: {stage.name} and {owner} share the folder {stage.folder}")
             seen[stage.name] = stage
         if self.trains not in seen:
             raise ValueError(f"pipeline: no stage named {self.trains!r} trains")
@@ -96,6 +102,25 @@ class Pipeline:
                 wanted.add(source)
                 pending += list(self[source].inputs.values())
         return tuple(stage for stage in self.stages if stage.name in wanted)
+
+    def descendants(self, name: str) -> tuple[Stage, ...]:
+        """The stages that depend on `name`, in pipeline order."""
+        found = {name}
+        for stage in self.stages:
+            if found & set(stage.inputs.values()):
+                found.add(stage.name)
+        return tuple(stage for stage in self.stages if stage.name in found - {name})
+
+    @property
+    def training_and_after(self) -> tuple[Stage, ...]:
+        """Training and every stage that depends on it (what a refresh's continued pretraining runs)."""
+        return (self[self.trains], *self.descendants(self.trains))
+
+    @property
+    def part_of_a_refresh(self) -> tuple[Stage, ...]:
+        """What a data refresh runs on its new part: every stage but training and those after it."""
+        later = {stage.name for stage in self.training_and_after}
+        return tuple(stage for stage in self.stages if stage.name not in later)
 
     @property
     def dataset_part(self) -> tuple[Stage, ...]:

@@ -22,7 +22,7 @@ from stages.evaluate import stage as evaluate
 from stages.evaluate import tasks as eval_tasks
 from stages.pipeline import PIPELINE
 from stages.train import checkpoints
-from stages.train import stage as launch
+from stages.train import stage as train_stage
 from stages.train.model import Transformer
 
 SEQ_LEN = 32
@@ -172,7 +172,7 @@ def setup(tmp_path_factory):
 
 
 def run_dir(cfg: PipelineConfig) -> Path:
-    return Path(launch.run_uri(cfg))
+    return Path(train_stage.run_uri(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -444,7 +444,7 @@ def test_run_on_s3(setup, s3_endpoint):
             meta["data_uri"] = s3_cfg.train.data
             body = json.dumps(meta).encode()
         client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=body)
-    run = launch.run_uri(s3_cfg)
+    run = train_stage.run_uri(s3_cfg)
     assert run == f"s3://{bucket}/{prefix}/{local_run}"  # the same data digest and config: the same version
     stats = PIPELINE.run("evaluate", s3_cfg, log=lambda _: None)
     assert stats["skipped"] is False and stats["step"] == 5 and stats["docs"] == 4

@@ -107,8 +107,11 @@ def hostile_folder(root: Path, small_corpus: dict) -> dict:
     plain_warc = warc_bytes([html(n) for n in range(3)], compress=False)
     put("truncated.warc", plain_warc[:-120], docs=2, reasons={"truncated_record": 1})
     put("non-html.warc.gz", warc_bytes([rng.randbytes(800)], compress=True, content_type="image/png"), docs=0)
+    # 200,000 nested elements: Resiliparse's time grows with the square of the depth (50,000 take it 2 minutes), so
+    # the page runs into the deadline and the next one is extracted as usual
     deep_html = b"<html><body>" + b"<div>" * 200_000 + PROSE.encode() + b"</div>" * 200_000 + b"</body></html>"
-    put("deep-html.warc.gz", warc_bytes([deep_html, html(1)], compress=True), docs=1, reasons={"extraction_empty": 1})
+    put("deep-html.warc.gz", warc_bytes([deep_html, html(1)], compress=True), docs=1,
+        reasons={"extraction_timeout": 1})  # fmt: skip
     # bad records among good ones: each quarantined alone
     deep = b"[" * 10_000 + b"]" * 10_000
     put("deep.jsonl", lines(3) + b'{"text": ' + deep + b"}\n" + lines(3, 3), docs=6, reasons={"invalid_json": 1})
@@ -144,8 +147,10 @@ def hostile_folder(root: Path, small_corpus: dict) -> dict:
 
 
 def hostile_config(root: Path, out: Path, workers: int = 1):
+    # (a 5 s deadline: the deep page takes Resiliparse minutes, a normal page milliseconds even on a loaded machine)
     return load_config("tiny", {"storage.root": str(out), "ingest.inputs": [str(root)], "ingest.workers": workers,
-                                "ingest.max_doc_bytes": MAX_DOC_BYTES, "ingest.docs_per_shard": 200})  # fmt: skip
+                                "ingest.max_doc_bytes": MAX_DOC_BYTES, "ingest.docs_per_shard": 200,
+                                "ingest.extract_timeout_s": 5.0})  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from stages.core.config import load_config
 from stages.core.parallel import map_in_processes
 from stages.core.storage import MANIFEST
-from stages.ingest import readers
+from stages.ingest import extract
 from stages.pipeline import PIPELINE
 from tests.conftest import docs_in, out_dir
 
@@ -159,7 +159,7 @@ def upper_unless_hang(text: str) -> str:
 
 def extract_with_a_timeout_between(_) -> list[str]:
     # (the timeout also bounds the child's start: 2 s was too short with another test process on the cores)
-    with readers.RestartableSandbox(10.0) as sandbox:
+    with extract.RestartableSandbox(10.0) as sandbox:
         out = [sandbox.process_document("a", upper_unless_hang)]
         try:
             sandbox.process_document("hang", upper_unless_hang)
@@ -172,3 +172,99 @@ def extract_with_a_timeout_between(_) -> list[str]:
 def test_extraction_sandbox_restarts_after_a_timeout_inside_worker_processes():
     # our workers start with forkserver, where datatrove's own sandbox fails to restart ('cannot pickle weakref')
     assert map_in_processes(extract_with_a_timeout_between, [0, 1], workers=2) == [["A", "timeout", "B"]] * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTML extraction (stages/ingest/extract.py)
+
+PROSE = "The river bends twice before it reaches the sea, and the town on its bank grows with every season."
+DEEP = "<html><body>" + "<div>" * 200_000 + PROSE + "</div>" * 200_000 + "</body></html>"  # minutes for Resiliparse
+
+
+def page(n: int) -> str:
+    paragraphs = "".join(f"<p>{PROSE} Page {n}, part {k}.</p>" for k in range(4))
+    menu = "".join(f'<li><a href="/{k}">Section {k}</a></li>' for k in range(12))
+    footer = "<footer>Copyright 2026. All rights reserved. Privacy. Terms.</footer>"
+    return (f"<html><head><title>Page {n}</title></head><body><nav><ul>{menu}</ul></nav><article>{paragraphs}"
+            f"</article>{footer}</body></html>")  # fmt: skip
+
+
+def warc_of(pages: list[str], path) -> str:
+    import io
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    buffer = io.BytesIO()
+    writer = WARCWriter(buffer, gzip=True)
+    for n, body in enumerate(pages):
+        headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        writer.write_record(writer.create_warc_record(f"https://example.org/{n}", "response",
+                                                      payload=io.BytesIO(body.encode()), http_headers=headers))
+    path.write_bytes(buffer.getvalue())
+    return str(path)
+
+
+def ingest_warc(tmp_path, uri: str, **settings) -> tuple[dict, list]:
+    cfg = load_config("tiny", {"storage.root": str(tmp_path / "out"), "ingest.inputs": [uri], **settings})
+    stats = PIPELINE.run("ingest", cfg, log=lambda _: None)
+    return stats, docs_in(out_dir("ingest", cfg))
+
+
+def test_each_extractor_gives_the_main_text_without_the_boilerplate(small_corpus, tmp_path):
+    found = {}
+    for name in ("resiliparse", "trafilatura"):
+        stats, docs = ingest_warc(tmp_path / name, str(small_corpus["warc"]), **{"ingest.extractor": name})
+        assert stats["extracted_by"] == {name: stats["docs_out"]} and stats["docs_out"] >= 50, stats
+        found[name] = docs
+        assert all(d.text.strip() and "<div" not in d.text for d in docs)
+    made = {name: {d.url for d in docs} for name, docs in found.items()}
+    assert len(made["resiliparse"] & made["trafilatura"]) >= 0.9 * len(made["trafilatura"])
+    stats, docs = ingest_warc(tmp_path / "pages", warc_of([page(n) for n in range(3)], tmp_path / "p.warc.gz"))
+    assert [d.text.count(PROSE) for d in docs] == [4, 4, 4]
+    assert not any("Section 3" in d.text or "All rights reserved" in d.text for d in docs)  # menus and footers
+
+
+def test_a_page_past_the_deadline_is_quarantined_and_the_next_one_extracted(tmp_path):
+    """In the thread that takes signals a timer stops the page; in any other (a Dask worker's thread) the page goes
+    through the sandbox process. Both give the same output."""
+    import threading
+
+    uri = warc_of([DEEP, page(1), page(2)], tmp_path / "deep.warc.gz")
+    settings = {"ingest.extract_timeout_s": 2.0}
+    started = time.perf_counter()
+    timed, docs = ingest_warc(tmp_path / "timer", uri, **settings)
+    assert time.perf_counter() - started < 60
+    assert timed["quarantined"] == {"extraction_timeout": 1} and [d.url for d in docs] == [
+        "https://example.org/1", "https://example.org/2"
+    ]  # fmt: skip
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(run=ingest_warc(tmp_path / "sandbox", uri, **settings)))
+    thread.start()
+    thread.join(120)
+    sandboxed, sandbox_docs = result["run"]
+    assert sandboxed["quarantined"] == {"extraction_timeout": 1}
+    assert [(d.id, d.text) for d in sandbox_docs] == [(d.id, d.text) for d in docs]
+
+
+def test_a_page_the_extractor_finds_too_little_in_is_extracted_again_with_the_fallback(tmp_path):
+    listing = ("<html><body><table>" + "".join(f"<tr><td>{PROSE} Row {n}.</td></tr>" for n in range(3))
+               + "</table></body></html>")  # fmt: skip
+    uri = warc_of([page(0), listing], tmp_path / "mixed.warc.gz")
+    plain, _ = ingest_warc(tmp_path / "plain", uri)
+    both, docs = ingest_warc(tmp_path / "both", uri, **{"ingest.fallback_extractor": "trafilatura",
+                                                        "ingest.fallback_min_chars": 100_000})  # fmt: skip
+    assert plain["extracted_by"] == {"resiliparse": plain["docs_out"]}
+    assert sum(both["extracted_by"].values()) == both["docs_out"] == plain["docs_out"]
+    assert set(both["extracted_by"]) <= {"resiliparse", "trafilatura"} and len(docs) == both["docs_out"]
+
+
+def test_an_extractor_is_its_own_fallback_is_refused():
+    from stages.core.config import ConfigError
+
+    try:
+        load_config("tiny", {"ingest.fallback_extractor": "resiliparse"})
+    except ConfigError as exc:
+        assert "fallback_extractor: resiliparse is the extractor itself" in str(exc)
+    else:
+        raise AssertionError("accepted")

@@ -32,20 +32,18 @@ def map_in_processes(
     dask_address: str | None = None,
     on_result: Callable[[R], None] | None = None,
 ) -> list[R]:
-    """`on_result` is called with each result in input order, as soon as it and those before it are done."""
+    """`on_result` is called with each result as it is done (locally in input order, as soon as it and those
+    before it are; on Dask in the order they finish)."""
     items = list(items)
     if dask_address:
-        results = map_on_dask(fn, items, dask_address)
-    elif workers <= 1 or len(items) <= 1:
-        results = (fn(item) for item in items)
-    else:
-        context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(items)), mp_context=context, initializer=exit_when_gone,
-            initargs=(os.getpid(),),
-        ) as pool:  # fmt: skip
-            return _followed(pool.map(fn, items), on_result)
-    return _followed(results, on_result)
+        return map_on_dask(fn, items, dask_address, on_result)
+    if workers <= 1 or len(items) <= 1:
+        return _followed((fn(item) for item in items), on_result)
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(items)), mp_context=context, initializer=exit_when_gone, initargs=(os.getpid(),)
+    ) as pool:
+        return _followed(pool.map(fn, items), on_result)
 
 
 def _followed(results: Iterable[R], on_result: Callable[[R], None] | None) -> list[R]:
@@ -91,7 +89,9 @@ def exit_when_gone(pid: int, every: float = 1.0) -> None:
     threading.Thread(target=watch, name=f"exit-when-{pid}-gone", daemon=True).start()
 
 
-def map_on_dask(fn: Callable[[T], R], items: list[T], address: str) -> list[R]:
+def map_on_dask(
+    fn: Callable[[T], R], items: list[T], address: str, on_result: Callable[[R], None] | None = None
+) -> list[R]:
     from distributed import Client, get_worker, worker_client
 
     if not items:
@@ -101,8 +101,11 @@ def map_on_dask(fn: Callable[[T], R], items: list[T], address: str) -> list[R]:
         inside_worker = True
     except ValueError:
         inside_worker = False
-    if inside_worker:
-        with worker_client() as client:
-            return client.gather(client.map(fn, items, pure=False))
-    with Client(address) as client:
-        return client.gather(client.map(fn, items, pure=False))
+    with worker_client() if inside_worker else Client(address) as client:
+        futures = client.map(fn, items, pure=False)
+        if on_result:
+            from distributed import as_completed
+
+            for future in as_completed(futures):
+                on_result(future.result())
+        return client.gather(futures)

@@ -73,19 +73,26 @@ RAW_FILES = "raw_files"  # the identity input naming the raw files a stage consu
 
 
 @functools.cache
-def package_version(package: str) -> str:
+def package_version(package: str, also: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> str:
     """Digest of a package's source (its .py and .yaml files, by relative path): a stage's code version. Moving
     a helper into the package brings it under the digest; nothing to keep in step by hand. (A stage defined in a
-    single module, such as a test's, is that module's source.)"""
+    single module, such as a test's, is that module's source.) `also`: shared modules whose algorithm its output
+    depends on; `exclude`: files of the package that cannot change its output (each must exist)."""
     source = Path(importlib.import_module(package).__file__)
     root = source.parent
     if source.name == "__init__.py":
         files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
     else:
         files = [source]
+    missing = [name for name in exclude if not (root / name).is_file()]
+    if missing:
+        raise ValueError(f"{package}: code_exclude names {missing}, which are not files of the package")
+    files = [p for p in files if p.relative_to(root).as_posix() not in exclude]
+    files += [Path(importlib.import_module(module).__file__) for module in also]
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 
 
@@ -134,7 +141,8 @@ class Stage:
     tokenizer.path reads no documents); `fingerprints(cfg)` what else its identity covers (raw files, models);
     `check(cfg)` what preflight verifies before any work. `units`: its work splits into resumable units (run on
     a Dask cluster when one is configured). `scratch`: folders in its output removed once it is committed.
-    `funnel`: its row in the data funnel (it then reports CORE_KEYS)."""
+    `funnel`: its row in the data funnel (it then reports CORE_KEYS). `code_also` and `code_exclude` adjust its code
+    version (`package_version`)."""
 
     name: str
     folder: str
@@ -149,6 +157,8 @@ class Stage:
     units: bool = False
     scratch: tuple[str, ...] = ()
     funnel: str | None = None
+    code_also: tuple[str, ...] = ()
+    code_exclude: tuple[str, ...] = ()
 
     def wired(self, **inputs: str) -> Stage:
         """This stage with each of its roles fed by the named stage."""
@@ -158,7 +168,11 @@ class Stage:
         return self.needs if self.reads is None else self.reads(cfg)
 
     def code_version(self) -> str:
-        return package_version(self.package)
+        return package_version(self.package, self.code_also, self.code_exclude)
+
+    def after(self, upstream: str) -> str:
+        """Why it runs when `upstream`, which it depends on, runs first (the dry run's words)."""
+        return f"after {upstream}, unless its output comes out unchanged"
 
     def identity(self, cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> dict:
         inputs = {role: upstream_digest(upstream[role]) for role in self.read_roles(cfg)}

@@ -87,21 +87,28 @@ def fingerprints(cfg: PipelineConfig) -> dict:
 
 @dataclass
 class Phases:
-    """Runs each phase's units and keeps what the stats report: seconds per phase, units resumed."""
+    """Runs each phase's units and keeps what the stats report: seconds per phase, units resumed. Progress is the
+    stage's as a whole: each of the `planned` phases one equal part of it."""
 
     progress: Progress
     workers: int
     log: Log
     dask_address: str | None
+    planned: int
     on_progress: OnProgress | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     resumed: int = 0
+    finished: int = 0  # phases run so far
 
     def run(self, name: str, jobs: dict, work) -> dict:
-        started = time.perf_counter()
-        results, done = run_units(
-            self.progress, jobs, work, self.workers, self.log, self.dask_address, self.on_progress
-        )
+        started, before = time.perf_counter(), min(self.finished, self.planned - 1)
+        self.finished += 1
+        overall = None
+        if self.on_progress:
+            def overall(done: int, total: int) -> None:  # noqa: E306
+                self.on_progress(before * 1000 + 1000 * done // max(total, 1), self.planned * 1000)
+
+        results, done = run_units(self.progress, jobs, work, self.workers, self.log, self.dask_address, overall)
         self.seconds[name] = round(time.perf_counter() - started, 3)
         self.resumed += done
         self.log(f"dedup: {name}: {len(jobs)} units in {self.seconds[name]:.1f}s")
@@ -195,7 +202,8 @@ def build(b: Build) -> StageResult:
     b.log(f"dedup: {banding.describe()}{chosen}{', candidates verified' if dc.verify else ''}")
     seen, shards = seen_before(cfg), committed_shards(docs)
     plan = Plan(seen, shards, seen.shards + [docs.path(s) for s in shards], b.out.path(WORK))
-    phases = Phases(Progress(b.out), dc.workers, b.log, cfg.cluster.dask_address, b.progress)
+    planned = 3 + 2 * (dc.index == "redis") + 2 * dc.verify  # signatures, buckets, [redis x2], [verify x2], write
+    phases = Phases(Progress(b.out), dc.workers, b.log, cfg.cluster.dask_address, planned, b.progress)
     pair_files, seen_docs, parts = candidate_pairs(b, plan, phases, banding)
     exact_units = f"buckets-{EXACT_TABLE:03d}-"
     exact_pairs = units.load_pairs([f for u, f in pair_files.items() if u.startswith(exact_units)], cfg.storage)
@@ -272,4 +280,5 @@ STAGE = Stage(
     units=True,
     scratch=(WORK,),  # (the manifest is written, nothing reads it again)
     funnel="dedup",
+    code_also=("stages.core.banding",),  # (bands x rows for a threshold: beside the config, which checks it)
 )

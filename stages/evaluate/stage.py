@@ -34,7 +34,7 @@ import torch
 
 from stages.core import failpoints
 from stages.core.config import PipelineConfig, StorageConfig
-from stages.core.stage import Artifact, Force, OnProgress, Stage, Status, forced_now, mark_forced
+from stages.core.stage import Artifact, Force, OnProgress, Stage, Status, forced_now, mark_forced, package_version
 from stages.core.storage import StageOutput, digest_of, exists, join, raw_fingerprint, read_json, write_json
 from stages.evaluate.lm import PipelineLM, load_model, load_tokenizer, pick_device
 from stages.evaluate.tasks import _clean, _task_manager, available_tasks, prepare_tasks, summarize, tasks_digest
@@ -107,6 +107,7 @@ def output(ckpt: str, storage: StorageConfig | None) -> StageOutput:
 
 def eval_identity(cfg: PipelineConfig, step: int, meta: dict, val_uri: str) -> dict:
     return {
+        "code": package_version(__package__, exclude=("samples.py",)),  # (the train stage's look at a checkpoint)
         "checkpoint_step": step,
         "meta": digest_of(meta),
         "config": cfg.section_digest("evaluate"),
@@ -252,6 +253,9 @@ class EvaluateStage(Stage):
 
     def output(self, cfg: PipelineConfig, upstream: dict[str, StageOutput], identity: dict | None = None):
         return output(pick_checkpoint(cfg, upstream["run"].uri, None)[1], cfg.storage)
+
+    def after(self, upstream: str) -> str:
+        return f"after {upstream}"  # (a run that trains writes a checkpoint, which is then evaluated)
 
     def lock_uri(self, cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> str:
         return upstream["run"].uri  # (the evaluations of every checkpoint of the run)

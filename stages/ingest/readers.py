@@ -1,14 +1,14 @@
 """Raw input files to records, one file at a time: what ingest reads and how it tells a bad record from a bad file.
 
-Formats, by extension: JSONL (.jsonl/.json, plain, .gz or .zst), Parquet, WARC with HTML pages (text
-extracted by trafilatura through datatrove), WET (.wet[.gz]: text already extracted), and plain text files
-(.txt/.md, one document per file, as LitGPT's TextFiles).
+Formats, by extension: JSONL (.jsonl/.json, plain, .gz or .zst), Parquet, WARC with HTML pages (read with
+FastWARC, text extracted by Resiliparse or trafilatura: stages/ingest/warc.py and extract.py), WET (.wet[.gz]:
+text already extracted), and plain text files (.txt/.md, one document per file, as LitGPT's TextFiles).
 
 Every raw record becomes a `Record`: a document, or why it is not one, with its position (line, row or WARC
 record, and the byte offset where known), so the stage can account for each. JSONL and Parquet are read here
 line by line and row by row rather than through datatrove's readers, which skip bad records without saying
-where; WARC parsing (`process_record`) and HTML extraction (`Trafilatura`, run in datatrove's sandbox process so a
-pathological page times out instead of hanging the stage) are datatrove's.
+where; WARC payloads are taken as datatrove's `process_record` takes them, and every page is extracted under a
+deadline, so a pathological page times out instead of hanging the stage.
 
 A damaged file (truncated gzip or zstd, a plain file named .gz, a Parquet file without its footer, a WARC cut
 mid-member) is not a bad record: reading stops where the damage is. `read_records` keeps every record read before
@@ -27,19 +27,15 @@ import contextlib
 import gzip
 import io
 import json
-import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import IO
 
-from datatrove.pipeline.extractors.base import ExtractorSandbox
-
 from stages.core import storage
 from stages.core.config import IngestConfig, PipelineConfig
 from stages.core.documents import Doc
-from stages.core.parallel import exit_when_gone
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -279,96 +275,21 @@ def read_text_file(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Count
     yield _from_object({"id": uri, "text": text}, uri, "file", cfg.ingest, data, 0)
 
 
-class RestartableSandbox(ExtractorSandbox):
-    """datatrove's ExtractorSandbox (HTML extraction in a child process that a timeout can kill), restartable
-    under any start method.
+def read_warc(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter, extracted=None) -> Iterator[Record]:
+    """Response records with HTML (extracted) and WET conversion records (already text): stages/ingest/warc.py."""
+    from stages.ingest.extract import Extraction
+    from stages.ingest.warc import records
 
-    After a timeout the sandbox starts a new child, pickling itself as part of the child's target unless the
-    start method is fork. Inside our worker processes the start method is forkserver, and the sandbox then holds
-    the previous child's Process object, which cannot be pickled ('cannot pickle weakref'): the restart failed,
-    and every later page of the file with it. The child needs only the sandbox's settings, so only those are
-    pickled.
-    """
-
-    def __init__(self, timeout: float, warmup_text: str = ""):
-        super().__init__(timeout, warmup_text)
-        self.owner = os.getpid()
-
-    def __getstate__(self) -> dict:
-        return {"timeout": self.timeout, "warmup_text": self.warmup_text, "owner": self.owner}
-
-    def _worker(self, conn, extract_fn):
-        exit_when_gone(self.owner)  # (the child: it must not outlive the process extracting through it)
-        return super()._worker(conn, extract_fn)
-
-
-def read_warc(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter) -> Iterator[Record]:
-    """Response records with HTML (extracted) and WET conversion records (already text). A record whose payload
-    ends before its Content-Length (a file cut short) is quarantined as truncated_record."""
-    from datatrove.pipeline.extractors import Trafilatura
-    from warcio.archiveiterator import ArchiveIterator
-
-    timeout = cfg.ingest.extract_timeout_s
-    extractor = Trafilatura(favour_precision=True, timeout=timeout)
-    with storage.open_uri(uri, "rb", cfg.storage) as f, RestartableSandbox(timeout) as sandbox:
-        cursor.at("record 1", 0)
-        records = ArchiveIterator(f)
-        for number, record in enumerate(records, 1):
-            where = f"record {number}"
-            try:
-                result = _warc_document(record, where, uri, cfg.ingest, sandbox, extractor.extract, skipped)
-            except Exception as exc:
-                if is_environmental(exc, cfg):
-                    raise
-                result = _bad(where, "invalid_record", f"{type(exc).__name__}: {exc}")
-            short = _unread_payload(record)
-            offset = records.get_record_offset()  # (the record is read to its end by now)
-            cursor.at(f"record {number + 1}", offset + records.get_record_length())
-            if short:
-                yield _bad(where, "truncated_record", f"payload {short} bytes short of its Content-Length", offset)
-            elif isinstance(result, Record):
-                result.offset = offset
-                yield result
-            else:
-                skipped[result] += 1
-
-
-def _warc_document(record, where: str, uri: str, ic: IngestConfig, sandbox, extract: Callable, skipped) -> Record | str:
-    """The record's document or why it is not one; a str: the kind of record skipped (not a document)."""
-    from datatrove.pipeline.readers.warc import process_record
-
-    if record.rec_type not in ("response", "conversion"):
-        return "warc_non_document_records"  # warcinfo, request, metadata
-    data = process_record(record)
-    if data is None:
-        return "warc_non_html_records"  # images, PDFs, ...: not text documents
-    text = data["text"]
-    if record.rec_type == "response":
+    with Extraction(cfg.ingest) as extraction:
         try:
-            text = sandbox.process_document(text, extract) or ""
-        except TimeoutError:
-            return _bad(where, "extraction_timeout", data["url"])
-        except Exception as exc:  # the child died or trafilatura raised: this page, not the stage
-            return _bad(where, "extraction_failed", f"{data['url']}: {exc}")
-        if not text.strip():
-            return _bad(where, "extraction_empty", data["url"])
-    obj = {"id": data["id"], "text": text, "url": data["url"], "metadata": {"date": data["date"]}}
-    return _from_object(obj, uri, where, ic, data["url"])
-
-
-def _unread_payload(record) -> int:
-    """Bytes of the record's Content-Length that its file did not hold (0: complete). Reads what is left of it."""
-    from warcio.limitreader import LimitReader
-
-    stream = record.raw_stream
-    if not isinstance(stream, LimitReader):  # no Content-Length to hold it to (and reading on would eat the file)
-        return 0
-    while stream.read(SKIP_CHUNK):
-        pass
-    return max(stream.limit, 0)
+            yield from records(uri, cfg, cursor, skipped, extraction)
+        finally:
+            if extracted is not None:
+                extracted.update(extraction.counts)
 
 
 READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text_file, "warc": read_warc}
+ACCEPTS_EXTRACTED = ("warc",)  # readers that count the pages each HTML extractor gave
 
 
 def is_environmental(exc: BaseException, cfg: PipelineConfig) -> bool:
@@ -378,11 +299,16 @@ def is_environmental(exc: BaseException, cfg: PipelineConfig) -> bool:
     return isinstance(exc, OSError) and exc.errno is not None  # (gzip's BadGzipFile is an OSError without one)
 
 
-def read_records(uri: str, cfg: PipelineConfig, skipped: Counter) -> Iterator[Record]:
-    """Every record of one file; a file that cannot be read to its end ends with one `unreadable_tail` record."""
+def read_records(uri: str, cfg: PipelineConfig, skipped: Counter, extracted: Counter | None = None) -> Iterator[Record]:
+    """Every record of one file; a file that cannot be read to its end ends with one `unreadable_tail` record.
+    `extracted` counts the HTML pages each extractor's text was kept from."""
     cursor = Cursor()
+    fmt = detect_format(uri)
     try:
-        yield from READERS[detect_format(uri)](uri, cfg, cursor, skipped)
+        if fmt in ACCEPTS_EXTRACTED:
+            yield from READERS[fmt](uri, cfg, cursor, skipped, extracted)
+        else:
+            yield from READERS[fmt](uri, cfg, cursor, skipped)
     except Exception as exc:
         if is_environmental(exc, cfg):
             raise

@@ -72,12 +72,13 @@ def ingest_file(unit: str, job: tuple[int, str], cfg: PipelineConfig, out_uri: s
     index, uri = job
     quarantined: Counter = Counter()
     skipped: Counter = Counter()
+    extracted: Counter = Counter()
     records = 0
     quarantine_name = f"quarantine/part-{index:04d}.jsonl"
     quarantine = QuarantineWriter(storage.join(out_uri, quarantine_name), cfg)
     hashes = array("Q")
     with ShardWriter(out_uri, f"part-{index:04d}", cfg.ingest.docs_per_shard, cfg.storage) as writer:
-        for record in read_records(uri, cfg, skipped):
+        for record in read_records(uri, cfg, skipped, extracted):
             records += 1
             if record.doc is None:
                 quarantined[record.reason] += 1
@@ -99,6 +100,7 @@ def ingest_file(unit: str, job: tuple[int, str], cfg: PipelineConfig, out_uri: s
         "bytes": writer.text_bytes,
         "quarantined": dict(quarantined),
         "skipped": dict(skipped),
+        "extracted_by": dict(extracted),
         "files": files,
     }
     progress.mark(unit, result)
@@ -165,11 +167,12 @@ def build(b: Build) -> StageResult:
 
 def totals(per_file: list[dict]) -> tuple[dict, dict]:
     """The stage's counts (the core keys: a quarantined record is one removed by its reason) and stats."""
-    by_format, quarantined, skipped = Counter(), Counter(), Counter()
+    by_format, quarantined, skipped, extracted = Counter(), Counter(), Counter(), Counter()
     for result in per_file:
         by_format[result["format"]] += result["docs"]
         quarantined.update(result["quarantined"])
         skipped.update(result["skipped"])
+        extracted.update(result["extracted_by"])
     removed = dict(sorted(quarantined.items()))
     counts = {
         "files_in": len(per_file),
@@ -182,7 +185,8 @@ def totals(per_file: list[dict]) -> tuple[dict, dict]:
         "quarantined": removed,
         "quarantined_total": sum(quarantined.values()),
     }
-    return counts, {"docs_by_format": dict(by_format), "skipped_records": dict(skipped)}
+    stats = {"docs_by_format": dict(by_format), "skipped_records": dict(skipped), "extracted_by": dict(extracted)}
+    return counts, stats
 
 
 STAGE = Stage(

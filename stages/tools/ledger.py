@@ -86,16 +86,16 @@ def increment_config(cfg: PipelineConfig, version: dict, new_files: list[str]) -
     return part
 
 
-def part_of(cfg: PipelineConfig, stages: pipeline.Pipeline | None = None) -> dict:
+def part_of(cfg: PipelineConfig, registry: pipeline.Pipeline | None = None) -> dict:
     """A finished part as a version lists it: the output of each of its stages (by stage name), the raw files it
     consumed and what it holds (documents and tokens of the training data)."""
-    stages = stages or pipeline.PIPELINE
+    registry = registry or pipeline.PIPELINE
     known: dict = {}
-    outputs = {stage.name: stages.output(stage.name, cfg, known) for stage in stages.dataset_part}
-    tokens = outputs[stages.training_data]
+    outputs = {stage.name: registry.output(stage.name, cfg, known) for stage in registry.dataset_part}
+    tokens = outputs[registry.training_data]
     tokenized = tokens.manifest()
     if tokenized is None:
-        raise RuntimeError(f"a dataset part is recorded once its {stages.training_data} stage has finished")
+        raise RuntimeError(f"a dataset part is recorded once its {registry.training_data} stage has finished")
     raw_files = {}
     for out in outputs.values():
         raw_files.update(out.manifest()["identity"]["inputs"].get(RAW_FILES, {}))
@@ -111,10 +111,10 @@ def part_of(cfg: PipelineConfig, stages: pipeline.Pipeline | None = None) -> dic
 
 
 def record(
-    cfg: PipelineConfig, previous: dict | None, part_cfg: PipelineConfig, stages: pipeline.Pipeline | None = None
+    cfg: PipelineConfig, previous: dict | None, part_cfg: PipelineConfig, registry: pipeline.Pipeline | None = None
 ) -> dict:
     """Write the next version: the previous one's parts plus the part `part_cfg` built."""
-    part = part_of(part_cfg, stages)
+    part = part_of(part_cfg, registry)
     if previous is None:
         tokenizer = {"uri": storage.join(part["tokens"], TOKENIZER_FILE), "sha256": part["tokenizer_sha256"]}
         parts = [part]

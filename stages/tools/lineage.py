@@ -140,7 +140,7 @@ def lineage(uri: str, cfg: StorageConfig | None = None) -> dict:
         "data": record.get("data_uri"),
         "inputs": [],
     }
-    data = identity.get("inputs", {}).get("data")
+    data = identity.get("inputs", {}).get("data") or identity.get("data")  # (a checkpoint made before issue 18)
     if data in index:
         node["inputs"].append(_node_of_manifest(index[data], index))
     else:

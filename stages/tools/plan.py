@@ -25,21 +25,21 @@ from stages import pipeline
 from stages.core.config import PipelineConfig, load_config
 
 
-def plan(cfg: PipelineConfig, force: list[str] = (), stages: pipeline.Pipeline | None = None) -> list[dict]:
+def plan(cfg: PipelineConfig, force: list[str] = (), registry: pipeline.Pipeline | None = None) -> list[dict]:
     """One row per stage: stage, action (run | skip), reason, output (the path, when already known)."""
-    stages = stages or pipeline.PIPELINE
-    force = stages.check_names(list(force))
+    registry = registry or pipeline.PIPELINE
+    force = registry.check_names(list(force))
     rows: list[dict] = []
     pending: dict[str, str] = {}  # stage -> the first stage upstream of it (or itself) that will run
     known: dict = {}
-    for stage in stages.stages:
+    for stage in registry.stages:
         reads = [stage.inputs[role] for role in stage.read_roles(cfg)]
         waiting = next((pending[source] for source in reads if source in pending), None)
         if waiting:
-            rows.append(row(stage.name, "run", f"after {waiting}, unless its output comes out unchanged"))
+            rows.append(row(stage.name, "run", stage.after(waiting)))
             pending[stage.name] = waiting
             continue
-        upstream = {role: stages.output(stage.inputs[role], cfg, known) for role in stage.read_roles(cfg)}
+        upstream = {role: registry.output(stage.inputs[role], cfg, known) for role in stage.read_roles(cfg)}
         status = stage.status(cfg, upstream, stage.name in force)
         rows.append(row(stage.name, status.action, status.reason, status.output))
         if status.action == "run":

@@ -26,13 +26,13 @@ def _check_storage_root(cfg: PipelineConfig) -> None:
         raise ConfigError(f"{field[exc.kind]}: {exc}") from None
 
 
-def preflight(cfg: PipelineConfig, stages: pipeline.Pipeline | None = None) -> None:
+def preflight(cfg: PipelineConfig, registry: pipeline.Pipeline | None = None) -> None:
     if cfg.storage.credentials_block:  # (resolving it clears the name and sets the keys)
         raise ConfigError(
             f"storage.credentials_block: the Prefect block {cfg.storage.credentials_block!r} is not resolved; run "
             "through a flow, or call flows.credentials.resolve_credentials(cfg) first"
         )
-    for stage in (stages or pipeline.PIPELINE).stages:
+    for stage in (registry or pipeline.PIPELINE).stages:
         if stage.check is None:
             continue
         try:

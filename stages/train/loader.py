@@ -171,7 +171,7 @@ class Epochs:
 
 
 class Batches:
-    """The trainer's batches from a reader (`Epochs` of one dataset, or a `stages.mixture.Mixture`), read ahead.
+    """The trainer's batches from a reader (`Epochs` of one dataset, or a `stages.train.mixture.Mixture`), read ahead.
 
     The next batch is read by a background thread while the current one trains (litdata's reading is Python
     work that a forward/backward, which releases the GIL, hides; a loader worker process would compete for the

@@ -1,8 +1,10 @@
 """Launch distributed training: torchrun over `stages.train.worker`, streamed, parsed, skipped when already done.
 
-`run_training(cfg)` is what the pipeline (a Prefect task, the CLI, the tests) calls. It never imports torch: the
-training itself runs in torchrun's children, so the caller stays light and a crash there cannot take the
-orchestrator down with it.
+`STAGE` (a `TrainStage`) is the train stage of stages/pipeline.py: its run resolves the config against its input
+(the tokenize stage's output, unless train.data names one), calls `run_training`, then draws the loss curve and
+the final checkpoint's samples. `run_training(cfg)` (also what the tests and benches call, with train.data set)
+never imports torch: the training itself runs in torchrun's children, so the caller stays light and a crash
+there cannot take the orchestrator down with it.
 
 - The config goes to the children as a JSON file WITHOUT the storage secrets; credentials and the endpoint go
   through the environment (`storage.storage_env`), where s3fs, botocore and obstore read them.
@@ -152,6 +154,8 @@ STAGE = TrainStage(
     needs=("tokens",),
     reads=reads,
     check=check,
+    # (the cost estimate and the loss plot: a change there must not start the run over in a new folder)
+    code_exclude=("budget.py", "report.py"),
 )
 
 

@@ -2,7 +2,7 @@
 
 One file, torchtitan's shape at nanoGPT's size:
 - process group: NCCL on CUDA, gloo on CPU (`train.device`: auto | cpu | cuda); a 1-D device mesh;
-- model: `stages.model.Transformer` built with a fixed seed on every rank, optionally compiled and with activation
+- model: `stages.train.model.Transformer` built with a fixed seed on every rank, optionally compiled and with activation
   checkpointing per block, then (`data_parallel: fsdp`) FSDP2 `fully_shard` on each block and on the root (bf16
   parameters with fp32 gradient reduction on CUDA, fp32 on CPU) or (`ddp`) DistributedDataParallel, whose
   bucketed all-reduce overlaps backward and beats per-block gathers when the model fits one device;
