@@ -61,19 +61,46 @@ def extractor(name: str, ic: IngestConfig) -> Callable[[str], str]:
     return Trafilatura(ic.trafilatura.model_dump())
 
 
+NOT_HTML = "warc_non_html_records"  # (the skipped-records count of a payload that is not a readable page)
+
+
+def decoded(content: bytes) -> str | None:
+    """A payload's text: UTF-8, else the charset cchardet detects (datatrove's process_record); None if neither."""
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError:
+        import cchardet
+
+        charset = cchardet.detect(content)["encoding"]
+        if not charset or charset.upper() == "UTF-8":
+            return None
+        try:
+            return content.decode(charset)
+        except (UnicodeDecodeError, LookupError):
+            return None
+
+
+class NotHtml:
+    """A page whose bytes no charset decodes."""
+
+
 class Batch:
-    """What the child runs: each page through the extractor (and the fallback when it finds too little). Per page
-    (text, extractor used) or (None, the error), so one page's failure never loses the batch."""
+    """What the child runs: each page (its bytes: decoding is part of the child's work) through the extractor
+    (and the fallback when it finds too little). Per page (text, extractor used), (None, the error) or (None, None)
+    for bytes that do not decode, so one page's failure never loses the batch."""
 
     def __init__(self, ic: IngestConfig):
         self.main, self.main_name = extractor(ic.extractor, ic), ic.extractor
         self.fallback = extractor(ic.fallback_extractor, ic) if ic.fallback_extractor else None
         self.fallback_name, self.min_chars = ic.fallback_extractor, ic.fallback_min_chars
 
-    def __call__(self, pages: list[str]) -> list[tuple[str | None, str]]:
-        return [self.one(html) for html in pages]
+    def __call__(self, pages: list[bytes]) -> list[tuple[str | None, str | None]]:
+        return [self.one(page) for page in pages]
 
-    def one(self, html: str) -> tuple[str | None, str]:
+    def one(self, page: bytes | str) -> tuple[str | None, str | None]:
+        html = decoded(page) if isinstance(page, bytes) else page
+        if html is None:
+            return None, None
         try:
             text, used = self.main(html) or "", self.main_name
             if self.fallback is not None and len(text.strip()) < self.min_chars:
@@ -132,8 +159,8 @@ class Extraction:
     def __exit__(self, *exc) -> None:
         self.sandbox.__exit__(None, None, None)
 
-    def texts(self, pages: list[str]) -> list[str | Exception]:
-        """Each page's main text ('' for none), or the PageTimeout or PageFailed it ended with."""
+    def texts(self, pages: list[bytes | str]) -> list:
+        """Each page's main text ('' for none), a NotHtml, or the PageTimeout or PageFailed it ended with."""
         if not pages:
             return []
         try:
@@ -145,7 +172,7 @@ class Extraction:
         out: list[str | Exception] = []
         for text, used in results:
             if text is None:
-                out.append(PageFailed(used))
+                out.append(PageFailed(used) if used is not None else NotHtml())
                 continue
             if text.strip():
                 self.counts[used] += 1

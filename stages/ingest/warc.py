@@ -4,7 +4,8 @@ Response records with an HTML payload become documents through `Extraction` (sta
 of pages at a time (records are handed on in file order all the same); WET conversion records are text already.
 Which payloads count as pages, and how their bytes are decoded, follows datatrove's `process_record`
 (WARC-Identified-Payload-Type, libmagic when it is absent; UTF-8, then cchardet), so the documents are datatrove's
-WarcReader's.
+WarcReader's; one difference: a response whose HTTP Content-Type says HTML is taken as HTML without asking
+libmagic, which costs as much as extracting the page.
 
 Damage: a record whose payload is shorter than its Content-Length is quarantined as truncated_record in an
 uncompressed file; in a .gz file it means the gzip stream ended inside the record, so nothing after it can be
@@ -22,45 +23,42 @@ from collections.abc import Iterator
 
 from stages.core import storage
 from stages.core.config import IngestConfig, PipelineConfig
-from stages.ingest.extract import BATCH_BYTES, BATCH_PAGES, Extraction
+from stages.ingest.extract import BATCH_BYTES, BATCH_PAGES, NOT_HTML, Extraction, NotHtml, decoded
 
 HTML = ("text/html", "application/xhtml+xml")
 
 
+def declared_html(record) -> str | None:
+    """text/html when the HTTP response says so (its Content-Type), else None: not known."""
+    declared = (record.http_content_type or "").split(";")[0].strip().lower() if record.is_http else ""
+    return declared if declared in HTML else None
+
+
 def page(record, conversion: bool) -> tuple[dict | str, int]:
-    """The record's id, url, date and text (HTML, or WET text), or the kind of record skipped; and the payload
-    bytes read (all of them: a payload shorter than its Content-Length is a cut file)."""
+    """The record's id, url and date with its HTML (bytes: the extraction child decodes them) or WET text, or the
+    kind of record skipped; and the payload bytes read (all of them: a payload shorter than its Content-Length is a
+    cut file)."""
     content = record.reader.read()
-    mime = record.headers.get("WARC-Identified-Payload-Type")
-    if mime is None:
+    mime = record.headers.get("WARC-Identified-Payload-Type") or declared_html(record)
+    if mime is None:  # (libmagic takes about 0.3 ms a page: as long as extracting it)
         import magic
 
         mime = magic.from_buffer(content, mime=True)
     if mime not in HTML and not (conversion and mime == "text/plain"):
-        return "warc_non_html_records", len(content)
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError:
-        import cchardet
-
-        charset = cchardet.detect(content)["encoding"]
-        if not charset or charset.upper() == "UTF-8":
-            return "warc_non_html_records", len(content)
-        try:
-            text = content.decode(charset)
-        except (UnicodeDecodeError, LookupError):
-            return "warc_non_html_records", len(content)
+        return NOT_HTML, len(content)
     headers = record.headers
-    data = {"id": headers["WARC-Record-ID"], "url": headers.get("WARC-Target-URI"), "date": headers.get("WARC-Date"),
-            "text": text}  # fmt: skip
-    return data, len(content)
+    data = {"id": headers["WARC-Record-ID"], "url": headers.get("WARC-Target-URI"), "date": headers.get("WARC-Date")}
+    if not conversion:
+        return {**data, "html": content}, len(content)
+    text = decoded(content)
+    return ({**data, "text": text} if text is not None else NOT_HTML), len(content)
 
 
 class Pending:
     """Records read but not yet handed on, in file order: pages wait for their batch's extraction."""
 
-    def __init__(self, uri: str, ic: IngestConfig, extraction: Extraction):
-        self.uri, self.ic, self.extraction = uri, ic, extraction
+    def __init__(self, uri: str, ic: IngestConfig, extraction: Extraction | None, skipped: Counter):
+        self.uri, self.ic, self.extraction, self.skipped = uri, ic, extraction, skipped
         self.items: list = []  # Record, or (where, offset, page) awaiting extraction
         self.pages = self.bytes = 0
 
@@ -69,19 +67,23 @@ class Pending:
         self.items.append(item)
         if isinstance(item, tuple):
             self.pages += 1
-            self.bytes += len(item[2]["text"])
+            self.bytes += len(item[2]["html"])
         return self.pages >= BATCH_PAGES or self.bytes >= BATCH_BYTES
 
     def flush(self) -> Iterator:
         from stages.ingest.readers import Record
 
-        texts = iter(self.extraction.texts([item[2]["text"] for item in self.items if isinstance(item, tuple)]))
+        texts = iter(self.extraction.texts([item[2]["html"] for item in self.items if isinstance(item, tuple)]))
         items, self.items, self.pages, self.bytes = self.items, [], 0, 0
         for item in items:
             if isinstance(item, Record):
                 yield item
+                continue
+            text = next(texts)
+            if isinstance(text, NotHtml):  # (bytes no charset decodes: as datatrove's process_record, not a page)
+                self.skipped[NOT_HTML] += 1
             else:
-                yield self.document(*item, next(texts))
+                yield self.document(*item, text)
 
     def document(self, where: str, offset: int, data: dict, text, extracted: bool = True):
         """The page's document, or why it is not one: `text` is what extraction gave (or a WET record's own)."""
@@ -111,7 +113,7 @@ def records(
     first: int = 1,
 ) -> Iterator:
     """Every record in [start, end), in file order; pages are extracted a batch at a time."""
-    pending = Pending(uri, cfg.ingest, extraction)
+    pending = Pending(uri, cfg.ingest, extraction, skipped)
     try:
         for item in read_items(uri, cfg, cursor, skipped, start, end, first):
             if pending.add(item):
@@ -163,6 +165,7 @@ def read_items(uri: str, cfg: PipelineConfig, cursor, skipped: Counter, start: i
                 data.offset = offset
                 yield data
             elif conversion:  # (WET: the text is there already)
-                yield Pending(uri, cfg.ingest, None).document(where, offset, data, data["text"], extracted=False)
+                wet = Pending(uri, cfg.ingest, None, skipped)
+                yield wet.document(where, offset, data, data["text"], extracted=False)
             else:
                 yield where, offset, data
