@@ -318,7 +318,7 @@ def main() -> None:
     text = table(result, args, command)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(text, SECTION)
 
 
 if __name__ == "__main__":

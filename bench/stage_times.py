@@ -83,7 +83,7 @@ def table(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, section: str = SECTION) -> None:
+def write_section(text: str, section: str) -> None:
     """Replace (or append) one `## ` section of BENCHMARKS.md, keeping the others."""
     path = REPO / "BENCHMARKS.md"
     body = (
@@ -109,7 +109,7 @@ def main() -> None:
     text = table(measure(args.preset), command)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(text, SECTION)
 
 
 if __name__ == "__main__":
