@@ -254,9 +254,10 @@ def test_a_page_the_extractor_finds_too_little_in_is_extracted_again_with_the_fa
     plain, _ = ingest_warc(tmp_path / "plain", uri)
     both, docs = ingest_warc(tmp_path / "both", uri, **{"ingest.fallback_extractor": "trafilatura",
                                                         "ingest.fallback_min_chars": 100_000})  # fmt: skip
-    assert plain["extracted_by"] == {"resiliparse": plain["docs_out"]}
-    assert sum(both["extracted_by"].values()) == both["docs_out"] == plain["docs_out"]
-    assert set(both["extracted_by"]) <= {"resiliparse", "trafilatura"} and len(docs) == both["docs_out"]
+    assert plain["extracted_by"] == {"resiliparse": 2}
+    # every page is tried with both (a minimum no page reaches); the longer text is kept: trafilatura's for the
+    # table (323 characters against 317), Resiliparse's for the article (462 against 459)
+    assert both["extracted_by"] == {"resiliparse": 1, "trafilatura": 1} and len(docs) == 2
 
 
 def test_an_extractor_is_its_own_fallback_is_refused():

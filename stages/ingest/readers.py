@@ -89,6 +89,15 @@ class Cursor:
         self.where, self.offset = where, offset
 
 
+@dataclass
+class Tally:
+    """What a reader counts beside its records: records skipped as not documents (by kind), and pages kept from
+    each HTML extractor."""
+
+    skipped: Counter
+    extracted: Counter
+
+
 def _bad(where: str, reason: str, raw, offset: int | None = None) -> Record:
     if isinstance(raw, bytes):
         raw = raw[: QUARANTINE_RAW_CHARS * 4].decode("utf-8", errors="replace")
@@ -220,7 +229,7 @@ def bounded_lines(f: IO[bytes], limit: int, cursor: Cursor) -> Iterator[tuple[in
         yield number, start, line[:QUARANTINE_RAW_CHARS], False
 
 
-def read_jsonl(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter) -> Iterator[Record]:
+def read_jsonl(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) -> Iterator[Record]:
     with open_lines(uri, cfg) as f:
         for number, offset, line, whole in bounded_lines(f, line_limit(cfg.ingest), cursor):
             where = f"line {number}"
@@ -246,7 +255,7 @@ def read_jsonl(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter) 
             yield _from_object(obj, uri, where, cfg.ingest, line, offset)
 
 
-def read_parquet(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter) -> Iterator[Record]:
+def read_parquet(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     with storage.open_uri(uri, "rb", cfg.storage) as f:
@@ -259,7 +268,7 @@ def read_parquet(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter
             cursor.at(f"row {row + 1}", None)
 
 
-def read_text_file(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter) -> Iterator[Record]:
+def read_text_file(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) -> Iterator[Record]:
     limit = cfg.ingest.max_doc_bytes + len(BOM)
     with storage.open_uri(uri, "rb", cfg.storage) as f:
         data = f.read(limit + 1)
@@ -275,21 +284,19 @@ def read_text_file(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Count
     yield _from_object({"id": uri, "text": text}, uri, "file", cfg.ingest, data, 0)
 
 
-def read_warc(uri: str, cfg: PipelineConfig, cursor: Cursor, skipped: Counter, extracted=None) -> Iterator[Record]:
+def read_warc(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) -> Iterator[Record]:
     """Response records with HTML (extracted) and WET conversion records (already text): stages/ingest/warc.py."""
     from stages.ingest.extract import Extraction
     from stages.ingest.warc import records
 
     with Extraction(cfg.ingest) as extraction:
         try:
-            yield from records(uri, cfg, cursor, skipped, extraction)
+            yield from records(uri, cfg, cursor, tally.skipped, extraction)
         finally:
-            if extracted is not None:
-                extracted.update(extraction.counts)
+            tally.extracted.update(extraction.counts)
 
 
 READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text_file, "warc": read_warc}
-ACCEPTS_EXTRACTED = ("warc",)  # readers that count the pages each HTML extractor gave
 
 
 def is_environmental(exc: BaseException, cfg: PipelineConfig) -> bool:
@@ -303,12 +310,9 @@ def read_records(uri: str, cfg: PipelineConfig, skipped: Counter, extracted: Cou
     """Every record of one file; a file that cannot be read to its end ends with one `unreadable_tail` record.
     `extracted` counts the HTML pages each extractor's text was kept from."""
     cursor = Cursor()
-    fmt = detect_format(uri)
+    tally = Tally(skipped, extracted if extracted is not None else Counter())
     try:
-        if fmt in ACCEPTS_EXTRACTED:
-            yield from READERS[fmt](uri, cfg, cursor, skipped, extracted)
-        else:
-            yield from READERS[fmt](uri, cfg, cursor, skipped)
+        yield from READERS[detect_format(uri)](uri, cfg, cursor, tally)
     except Exception as exc:
         if is_environmental(exc, cfg):
             raise

@@ -57,7 +57,7 @@ def page(record, conversion: bool) -> tuple[dict | str, int]:
 class Pending:
     """Records read but not yet handed on, in file order: pages wait for their batch's extraction."""
 
-    def __init__(self, uri: str, ic: IngestConfig, extraction: Extraction | None, skipped: Counter):
+    def __init__(self, uri: str, ic: IngestConfig, extraction: Extraction, skipped: Counter):
         self.uri, self.ic, self.extraction, self.skipped = uri, ic, extraction, skipped
         self.items: list = []  # Record, or (where, offset, page) awaiting extraction
         self.pages = self.bytes = 0
@@ -83,23 +83,24 @@ class Pending:
             if isinstance(text, NotHtml):  # (bytes no charset decodes: as datatrove's process_record, not a page)
                 self.skipped[NOT_HTML] += 1
             else:
-                yield self.document(*item, text)
+                yield document(self.uri, self.ic, *item, text)
 
-    def document(self, where: str, offset: int, data: dict, text, extracted: bool = True):
-        """The page's document, or why it is not one: `text` is what extraction gave (or a WET record's own)."""
-        from stages.ingest.readers import _bad, _from_object
 
-        if isinstance(text, TimeoutError):
-            found = _bad(where, "extraction_timeout", data["url"])
-        elif isinstance(text, Exception):  # the extractor raised, or the child died: this page, not the stage
-            found = _bad(where, "extraction_failed", f"{data['url']}: {text}")
-        elif extracted and not text.strip():
-            found = _bad(where, "extraction_empty", data["url"])
-        else:
-            obj = {"id": data["id"], "text": text, "url": data["url"], "metadata": {"date": data["date"]}}
-            found = _from_object(obj, self.uri, where, self.ic, data["url"])
-        found.offset = offset
-        return found
+def document(uri: str, ic: IngestConfig, where: str, offset: int, data: dict, text, extracted: bool = True):
+    """The page's document, or why it is not one: `text` is what extraction gave (or a WET record's own)."""
+    from stages.ingest.readers import _bad, _from_object
+
+    if isinstance(text, TimeoutError):
+        found = _bad(where, "extraction_timeout", data["url"])
+    elif isinstance(text, Exception):  # the extractor raised, or the child died: this page, not the stage
+        found = _bad(where, "extraction_failed", f"{data['url']}: {text}")
+    elif extracted and not text.strip():
+        found = _bad(where, "extraction_empty", data["url"])
+    else:
+        obj = {"id": data["id"], "text": text, "url": data["url"], "metadata": {"date": data["date"]}}
+        found = _from_object(obj, uri, where, ic, data["url"])
+    found.offset = offset
+    return found
 
 
 def records(
@@ -165,7 +166,6 @@ def read_items(uri: str, cfg: PipelineConfig, cursor, skipped: Counter, start: i
                 data.offset = offset
                 yield data
             elif conversion:  # (WET: the text is there already)
-                wet = Pending(uri, cfg.ingest, None, skipped)
-                yield wet.document(where, offset, data, data["text"], extracted=False)
+                yield document(uri, cfg.ingest, where, offset, data, data["text"], extracted=False)
             else:
                 yield where, offset, data
