@@ -152,8 +152,8 @@ def test_against_earlier_parts_removes_what_they_kept_and_never_their_documents(
     first_out = out_dir("dedup", first)
     manifest = json.loads((first_out / MANIFEST).read_text())
     assert [n for n in manifest["files"] if n.startswith(f"{dedup.SIGNATURES}/")] == [
-        "signatures/part-0000-00000-00000.bin",
-        "signatures/part-0000-00000-00000.bin.json",
+        "signatures/part-0000-0000-00000-00000.bin",
+        "signatures/part-0000-0000-00000-00000.bin.json",
     ]
     rows = [
         ("b0", texts[0]),  # an earlier part's document, again

@@ -131,7 +131,7 @@ def test_reusing_word_tokenizer_gives_datatrove_tokens(small_corpus):
 
     from stages.filter import word_tokens
 
-    records = readers.read_records(str(small_corpus["jsonl"]), load_config("tiny"), Counter())
+    records = readers.read_records(str(small_corpus["jsonl"]), load_config("tiny"), readers.Tally())
     texts = [r.doc.text for r in records if r.doc][:150]
     texts += ["", "  \n ", "IS_ALPHA breaks spaCy", "Dr. Smith's e-mail: a@b.co! Next line.\n東京 🚀 ok."]
     word_tokens.install()

@@ -210,9 +210,9 @@ def test_a_damaged_file_says_where_reading_stopped(hostile):
     assert "ZstdError" in tails["garbage.jsonl.zst"]["raw"]
     assert "EOFError: zstd stream ended inside a frame" in tails["truncated.jsonl.zst"]["raw"]
     assert "ArrowInvalid" in parquet["raw"] and parquet["where"] == "row 1 to the end"
-    assert tails["truncated.warc.gz"]["where"].startswith("record ")
+    assert tails["truncated.warc.gz"]["where"].startswith("record at byte ")
     short = next(e for e in entries if e["reason"] == "truncated_record")
-    assert Path(short["source"]).name == "truncated.warc" and short["where"] == "record 3"
+    assert Path(short["source"]).name == "truncated.warc" and short["where"] == f"record at byte {short['offset']}"
     assert "short of its Content-Length" in short["raw"]
 
 
@@ -328,7 +328,7 @@ def test_repeated_ids_leave_dedup_decontamination_and_lineage_correct(tmp_path):
         ("a", shared): text["T1"], ("a", y): text["T2"], ("a", other): text["T4"], ("b", shared): text["T3"]
     }  # fmt: skip
     found = sorted((r["id"], r["kind"], r["shard"], r["row"], r["survivor_shard"], r["survivor_row"]) for r in removed)
-    a_shard, b_shard = "part-0000-00000.parquet", "part-0001-00000.parquet"  # (one input file each)
+    a_shard, b_shard = "part-0000-0000-00000.parquet", "part-0001-0000-00000.parquet"  # (one input file each)
     assert found == sorted([(other, "near", b_shard, 2, a_shard, 2), (z, "exact", b_shard, 1, a_shard, 1)])
     PIPELINE.run("tokenizer", cfg, log=lambda _: None)
     tokenized = PIPELINE.run("tokenize", cfg, log=lambda _: None)

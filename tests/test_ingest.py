@@ -269,3 +269,99 @@ def test_an_extractor_is_its_own_fallback_is_refused():
         assert "fallback_extractor: resiliparse is the extractor itself" in str(exc)
     else:
         raise AssertionError("accepted")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Big files in slices (stages/ingest/slices.py)
+
+
+def quarantined_in(cfg) -> list[tuple]:
+    folder = out_dir("ingest", cfg) / "quarantine"
+    entries = [json.loads(line) for path in sorted(folder.glob("*.jsonl")) for line in path.open()]
+    return sorted((e["source"], e["where"], e["offset"], e["reason"]) for e in entries)
+
+
+def ingested(tmp_path, name: str, inputs: list[str], **settings) -> tuple[dict, list, list]:
+    cfg = load_config("tiny", {"storage.root": str(tmp_path / name), "ingest.inputs": inputs, "ingest.workers": 2,
+                               "ingest.docs_per_shard": 50, **settings})  # fmt: skip
+    stats = PIPELINE.run("ingest", cfg, log=lambda _: None)
+    docs = [(d.id, d.text, d.url, d.source, d.metadata) for d in docs_in(out_dir("ingest", cfg))]
+    return stats, docs, quarantined_in(cfg)
+
+
+def test_a_big_file_is_read_in_slices_with_the_positions_and_ids_of_the_whole(small_corpus, tmp_path):
+    import gzip
+
+    lines = gzip.open(small_corpus["jsonl"]).read().splitlines(keepends=True)
+    bad = [b"{broken\n", b'{"id": 7}\n', b"\xff\xfe\n", b'{"text": "no id, so its position is its id"}\n']
+    for k, line in enumerate(bad):  # (malformed records and an id from the position, in every slice)
+        lines.insert(40 + 90 * k, line)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "docs.jsonl").write_bytes(b"".join(lines))
+    pq.write_table(pq.read_table(small_corpus["parquet"]), raw / "rows.parquet", row_group_size=20)
+    (raw / "web.warc.gz").write_bytes(small_corpus["warc"].read_bytes())
+    (raw / "plain.warc").write_bytes(gzip.open(small_corpus["warc"]).read())
+    inputs = [str(p) for p in sorted(raw.iterdir())]
+
+    whole = ingested(tmp_path, "whole", inputs)
+    sliced = ingested(tmp_path, "sliced", inputs, **{"ingest.slice_bytes": 60_000})
+    assert whole[0]["slices"] == 4 and sliced[0]["slices"] >= 20, sliced[0]["slices"]
+    assert sliced[1] == whole[1] and len(whole[1]) == whole[0]["docs_out"] > 600
+    assert sliced[2] == whole[2] and {e[3] for e in whole[2]} >= {"invalid_json", "missing_text", "not_utf8"}
+    assert any(doc_id.endswith("#line-311") for doc_id, *_ in whole[1])  # (the 4th planted line's, by position)
+    assert {k: sliced[0][k] for k in ("records_in", "docs_out", "bytes_in", "files_in")} == {
+        k: whole[0][k] for k in ("records_in", "docs_out", "bytes_in", "files_in")
+    }
+
+
+def test_slices_cut_files_at_record_starts_and_every_byte_is_in_one(small_corpus, tmp_path):
+    import gzip
+
+    from fastwarc.warc import ArchiveIterator
+
+    from stages.ingest import slices
+
+    (tmp_path / "plain.warc").write_bytes(gzip.open(small_corpus["warc"]).read())
+    (tmp_path / "lines.jsonl").write_bytes(b"".join(b'{"text": "%d"}\n' % n for n in range(20_000)))
+    for path in (small_corpus["warc"], tmp_path / "plain.warc", tmp_path / "lines.jsonl"):
+        fmt = "warc" if "warc" in path.name else "jsonl"
+        cfg = load_config("tiny", {"ingest.inputs": [str(path)], "ingest.slice_bytes": 25_000})
+        pieces = slices.plan(str(path), fmt, cfg)
+        assert len(pieces) > 5 and pieces[0].start == 0 and pieces[-1].end is None
+        assert all(a.end == b.start for a, b in zip(pieces, pieces[1:]))  # contiguous: nothing read twice or lost
+        if fmt == "warc":
+            starts = {r.stream_pos for r in ArchiveIterator(open(path, "rb"), parse_http=False)}
+            assert {p.start for p in pieces} <= starts
+        else:
+            data = path.read_bytes()
+            assert all(data[p.start - 1 : p.start] == b"\n" and data.count(b"\n", 0, p.start) == p.first - 1
+                       for p in pieces[1:])  # fmt: skip
+
+
+def test_a_warc_cut_where_no_record_starts_is_found_and_the_file_read_whole(tmp_path):
+    """A page whose payload is itself a WARC file (an archived crawl) holds what looks like a record's start: a cut
+    there would read the page's insides as records. The slice before it ends elsewhere, which gives it away."""
+    import io
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    inner = io.BytesIO()
+    WARCWriter(inner, gzip=False).write_record(WARCWriter(inner, gzip=False).create_warc_record(
+        "https://inner.example/", "response", payload=io.BytesIO(page(99).encode()),
+        http_headers=StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")))  # fmt: skip
+    out = io.BytesIO()
+    writer = WARCWriter(out, gzip=False)
+    for n, body in enumerate([page(0).encode(), b"x" * 30_000 + b"\r\n\r\n" + inner.getvalue(), page(2).encode()]):
+        kind = "text/html" if n != 1 else "application/warc"
+        headers = StatusAndHeaders("200 OK", [("Content-Type", kind)], protocol="HTTP/1.1")
+        writer.write_record(writer.create_warc_record(f"https://example.org/{n}", "response",
+                                                      payload=io.BytesIO(body), http_headers=headers))  # fmt: skip
+    path = tmp_path / "crawl.warc"
+    path.write_bytes(out.getvalue())
+    whole = ingested(tmp_path, "whole", [str(path)])
+    cut = ingested(tmp_path, "cut", [str(path)], **{"ingest.slice_bytes": 20_000})
+    assert [doc[2] for doc in whole[1]] == ["https://example.org/0", "https://example.org/2"]
+    assert cut[1] == whole[1] and cut[2] == whole[2]
+    assert cut[0]["docs_out"] == 2 and cut[0]["slices"] == 1  # (read again as one)

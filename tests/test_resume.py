@@ -42,6 +42,7 @@ def config(small_corpus, root):
             "storage.root": str(root),
             "ingest.inputs": [str(p) for p in small_corpus.values()],
             "ingest.docs_per_shard": 100,
+            "ingest.slice_bytes": 100_000,  # (the WARC file in slices: a slice's resume)
             "ingest.workers": 1,
             "filter.workers": 1,
             "dedup.workers": 1,

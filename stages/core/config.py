@@ -108,7 +108,10 @@ class IngestConfig(Strict):
     fallback_min_chars: int = Field(200, ge=1)
     resiliparse: ResiliparseConfig = ResiliparseConfig()
     trafilatura: TrafilaturaConfig = TrafilaturaConfig()
-    workers: int = Field(1, ge=1)  # processes; one input file each at a time
+    # A file bigger than this is cut into slices of about this many bytes (line ends, Parquet row groups, WARC
+    # records: stages/ingest/slices.py), each a unit of work, so one big file uses every worker.
+    slice_bytes: int = Field(128 << 20, ge=1)
+    workers: int = Field(1, ge=1)  # processes; one slice of an input file each at a time
     runtime_only = ("workers",)
 
     @model_validator(mode="after")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import random
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 from stages.core import storage
@@ -34,12 +33,12 @@ def _line(text: str) -> str:
 
 def examples(uris: list[str], cfg: PipelineConfig, limit: int, rng: random.Random) -> list[str]:
     """Up to `limit` texts from raw files (read as ingest reads them), sampled uniformly by reservoir."""
-    from stages.ingest.readers import read_records
+    from stages.ingest.readers import Tally, read_records
 
     reservoir: list[str] = []
     seen = 0
     for uri in uris:
-        for record in read_records(uri, cfg, Counter()):
+        for record in read_records(uri, cfg, Tally()):
             if record.doc is None:
                 continue
             seen += 1

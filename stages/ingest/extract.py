@@ -143,21 +143,35 @@ class PageFailed(RuntimeError):
     """The extractor raised on a page, or the child died on it."""
 
 
+_SANDBOX: dict[str, RestartableSandbox] = {}  # this process's, by its settings: see Extraction
+
+
 class Extraction:
-    """A file's pages through the sandbox, batch by batch; `counts` says how many pages each extractor's text was
-    kept from. A context manager: it holds the sandbox for the file."""
+    """A slice's pages through the sandbox, batch by batch; `counts` says how many pages each extractor's text was
+    kept from.
+
+    A worker process keeps its sandbox (and its child) from one slice to the next: starting a child under
+    forkserver costs about a second (it imports the extractors), as long as extracting a thousand pages. A sandbox
+    of other settings replaces it; the child exits with the worker (exit_when_gone)."""
 
     def __init__(self, ic: IngestConfig):
         self.timeout = ic.extract_timeout_s
         self.batch = Batch(ic)
         self.counts: Counter = Counter()
-        self.sandbox = RestartableSandbox(self.timeout, warmup_text=([],))  # (the warm-up: an empty batch)
+        key = ic.model_dump_json(include={"extract_timeout_s", "extractor", "fallback_extractor",
+                                          "fallback_min_chars", "resiliparse", "trafilatura"})  # fmt: skip
+        if key not in _SANDBOX:
+            for old in _SANDBOX.values():
+                old.__exit__(None, None, None)
+            _SANDBOX.clear()
+            _SANDBOX[key] = RestartableSandbox(self.timeout, warmup_text=([],))  # (the warm-up: an empty batch)
+        self.sandbox = _SANDBOX[key]
 
     def __enter__(self) -> Extraction:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.sandbox.__exit__(None, None, None)
+        pass  # (the sandbox stays for the process's next slice)
 
     def texts(self, pages: list[bytes | str]) -> list:
         """Each page's main text ('' for none), a NotHtml, or the PageTimeout or PageFailed it ended with."""

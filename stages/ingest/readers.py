@@ -29,13 +29,14 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO
 
 from stages.core import storage
 from stages.core.config import IngestConfig, PipelineConfig
 from stages.core.documents import Doc
+from stages.ingest.slices import WHOLE, Slice
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -84,6 +85,7 @@ class Cursor:
 
     where: str = "the start"
     offset: int | None = 0
+    next_record: int | None = None  # a WARC slice's: where the record after its end starts (None: the file's end)
 
     def at(self, where: str, offset: int | None) -> None:
         self.where, self.offset = where, offset
@@ -94,8 +96,8 @@ class Tally:
     """What a reader counts beside its records: records skipped as not documents (by kind), and pages kept from
     each HTML extractor."""
 
-    skipped: Counter
-    extracted: Counter
+    skipped: Counter = field(default_factory=Counter)
+    extracted: Counter = field(default_factory=Counter)
 
 
 def _bad(where: str, reason: str, raw, offset: int | None = None) -> Record:
@@ -153,8 +155,9 @@ def line_limit(ic: IngestConfig) -> int:
 
 
 @contextlib.contextmanager
-def open_lines(uri: str, cfg: PipelineConfig) -> Iterator[IO[bytes]]:
-    """A binary file object whose readline takes a size, decompressing .gz and .zst on the fly.
+def open_lines(uri: str, cfg: PipelineConfig, start: int = 0) -> Iterator[IO[bytes]]:
+    """A binary file object whose readline takes a size, decompressing .gz and .zst on the fly; a plain file's
+    from byte `start` (a compressed one is never sliced).
 
     fsspec's own zstd wrapper cannot iterate lines, and its remote files' readline takes no size, so every case is
     wrapped here in a standard buffered reader.
@@ -167,6 +170,7 @@ def open_lines(uri: str, cfg: PipelineConfig) -> Iterator[IO[bytes]]:
         elif name.endswith(".zst"):
             yield io.BufferedReader(ZstdFrames(raw), SKIP_CHUNK)
         else:
+            raw.seek(start)
             yield io.BufferedReader(raw, SKIP_CHUNK)
 
 
@@ -209,11 +213,11 @@ class ZstdFrames(io.RawIOBase):
         return b"".join(out)
 
 
-def bounded_lines(f: IO[bytes], limit: int, cursor: Cursor) -> Iterator[tuple[int, int, bytes, bool]]:
-    """(line number, byte offset, line, whole) for every line; a line over `limit` bytes comes as its first
-    QUARANTINE_RAW_CHARS bytes with whole=False, the rest skipped without being held."""
-    number = offset = 0
-    while True:
+def bounded_lines(f: IO[bytes], limit: int, cursor: Cursor, piece: Slice) -> Iterator[tuple[int, int, bytes, bool]]:
+    """(line number, byte offset, line, whole) for every line of the slice; a line over `limit` bytes comes as its
+    first QUARANTINE_RAW_CHARS bytes with whole=False, the rest skipped without being held."""
+    number, offset = piece.first - 1, piece.start
+    while piece.end is None or offset < piece.end:
         cursor.at(f"line {number + 1}", offset)
         line = f.readline(limit)
         if not line:
@@ -229,9 +233,9 @@ def bounded_lines(f: IO[bytes], limit: int, cursor: Cursor) -> Iterator[tuple[in
         yield number, start, line[:QUARANTINE_RAW_CHARS], False
 
 
-def read_jsonl(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) -> Iterator[Record]:
-    with open_lines(uri, cfg) as f:
-        for number, offset, line, whole in bounded_lines(f, line_limit(cfg.ingest), cursor):
+def read_jsonl(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally, piece: Slice) -> Iterator[Record]:
+    with open_lines(uri, cfg, piece.start) as f:
+        for number, offset, line, whole in bounded_lines(f, line_limit(cfg.ingest), cursor, piece):
             where = f"line {number}"
             if not whole:
                 yield _bad(where, "too_large", line, offset)
@@ -255,20 +259,23 @@ def read_jsonl(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) -> I
             yield _from_object(obj, uri, where, cfg.ingest, line, offset)
 
 
-def read_parquet(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) -> Iterator[Record]:
+def read_parquet(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally, piece: Slice) -> Iterator[Record]:
+    """The slice's row groups (all of them for a whole file)."""
     import pyarrow.parquet as pq
 
     with storage.open_uri(uri, "rb", cfg.storage) as f:
-        row = 0
-        cursor.at("row 1", None)
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+        row = piece.first - 1
+        cursor.at(f"row {row + 1}", None)
+        parquet = pq.ParquetFile(f)
+        groups = range(piece.start, parquet.metadata.num_row_groups if piece.end is None else piece.end)
+        for batch in parquet.iter_batches(batch_size=1024, row_groups=groups):
             for obj in batch.to_pylist():
                 row += 1
                 yield _from_object(obj, uri, f"row {row}", cfg.ingest, json.dumps(obj, default=str))
             cursor.at(f"row {row + 1}", None)
 
 
-def read_text_file(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) -> Iterator[Record]:
+def read_text_file(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally, piece: Slice) -> Iterator[Record]:
     limit = cfg.ingest.max_doc_bytes + len(BOM)
     with storage.open_uri(uri, "rb", cfg.storage) as f:
         data = f.read(limit + 1)
@@ -284,14 +291,14 @@ def read_text_file(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) 
     yield _from_object({"id": uri, "text": text}, uri, "file", cfg.ingest, data, 0)
 
 
-def read_warc(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally) -> Iterator[Record]:
+def read_warc(uri: str, cfg: PipelineConfig, cursor: Cursor, tally: Tally, piece: Slice) -> Iterator[Record]:
     """Response records with HTML (extracted) and WET conversion records (already text): stages/ingest/warc.py."""
     from stages.ingest.extract import Extraction
     from stages.ingest.warc import records
 
     with Extraction(cfg.ingest) as extraction:
         try:
-            yield from records(uri, cfg, cursor, tally.skipped, extraction)
+            yield from records(uri, cfg, cursor, tally.skipped, extraction, piece.start, piece.end)
         finally:
             tally.extracted.update(extraction.counts)
 
@@ -306,13 +313,14 @@ def is_environmental(exc: BaseException, cfg: PipelineConfig) -> bool:
     return isinstance(exc, OSError) and exc.errno is not None  # (gzip's BadGzipFile is an OSError without one)
 
 
-def read_records(uri: str, cfg: PipelineConfig, skipped: Counter, extracted: Counter | None = None) -> Iterator[Record]:
-    """Every record of one file; a file that cannot be read to its end ends with one `unreadable_tail` record.
-    `extracted` counts the HTML pages each extractor's text was kept from."""
-    cursor = Cursor()
-    tally = Tally(skipped, extracted if extracted is not None else Counter())
+def read_records(
+    uri: str, cfg: PipelineConfig, tally: Tally, piece: Slice = WHOLE, cursor: Cursor | None = None
+) -> Iterator[Record]:
+    """Every record of one file's slice (stages/ingest/slices.py); a slice that cannot be read to its end ends
+    with one `unreadable_tail` record. `cursor` ends where reading stopped."""
+    cursor = cursor or Cursor(offset=piece.start)
     try:
-        yield from READERS[detect_format(uri)](uri, cfg, cursor, tally)
+        yield from READERS[detect_format(uri)](uri, cfg, cursor, tally, piece)
     except Exception as exc:
         if is_environmental(exc, cfg):
             raise

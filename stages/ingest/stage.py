@@ -6,10 +6,13 @@ is quarantined with its reason, its source file and its position (line, row or W
 never fatal: a bad record is quarantined alone, and a damaged file keeps the records before the damage and
 quarantines the rest as one `unreadable_tail` entry, while the other files of the run are ingested as usual.
 
-Each input file becomes its own run of output shards (`part-<file>-<n>.parquet`) and its own quarantine file,
-so files are processed in parallel and the output does not depend on the number of workers. Ids are the
-input's own, or its full URI and position (unique across inputs); ids that repeat across the run are counted
-and named (stages/ingest/doc_ids.py).
+A unit of work is a slice of an input file: the whole of a small one, about `ingest.slice_bytes` of a big one
+(stages/ingest/slices.py: cut at line ends, row groups or WARC records), so a single 1 GB file keeps every
+worker busy. Each slice becomes its own run of output shards (`part-<file>-<slice>-<n>.parquet`) and its own
+quarantine file, has its own completion marker (a killed run redoes only unfinished slices), and reads the same
+records with the same positions and ids as reading the whole file: the output does not depend on the number of
+workers. Ids are the input's own, or its full URI and position (unique across inputs); ids that repeat across
+the run are counted and named (stages/ingest/doc_ids.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from stages.core.config import PipelineConfig
 from stages.core.documents import ShardWriter, read_texts
 from stages.core.stage import RAW_FILES, Build, Log, Progress, Stage, StageResult, run_units
 from stages.ingest import doc_ids
-from stages.ingest.readers import Record, detect_format, read_records
+from stages.ingest.readers import Cursor, Record, Tally, detect_format, read_records
+from stages.ingest.slices import WHOLE, Slice, plan, splittable
 
 IDS = "_ids"  # per-unit id hashes for the repeat check (stages/ingest/doc_ids.py), removed once it is done
 
@@ -67,18 +71,27 @@ class QuarantineWriter:
         return self._context is not None
 
 
-def ingest_file(unit: str, job: tuple[int, str], cfg: PipelineConfig, out_uri: str, progress: Progress) -> dict:
-    """One input file to its shards and quarantine file, then its completion marker (the last write)."""
-    index, uri = job
+Job = tuple[int, str, str, Slice]  # (input file's number, its URI, the slice's name, the slice)
+
+
+def plan_file(unit: str, job: tuple[int, str], cfg: PipelineConfig, progress: Progress) -> dict:
+    """A file's slices, as its completion marker (so a resumed run cuts it the same way without reading it again)."""
+    result = {"slices": [piece.to_list() for piece in plan(job[1], detect_format(job[1]), cfg)]}
+    progress.mark(unit, result)
+    return result
+
+
+def ingest_slice(unit: str, job: Job, cfg: PipelineConfig, out_uri: str, progress: Progress) -> dict:
+    """One slice of an input file to its shards and quarantine file, then its completion marker (the last write)."""
+    index, uri, name, piece = job
     quarantined: Counter = Counter()
-    skipped: Counter = Counter()
-    extracted: Counter = Counter()
+    tally, cursor = Tally(), Cursor(offset=piece.start)
     records = 0
-    quarantine_name = f"quarantine/part-{index:04d}.jsonl"
+    quarantine_name = f"quarantine/part-{index:04d}-{name}.jsonl"
     quarantine = QuarantineWriter(storage.join(out_uri, quarantine_name), cfg)
     hashes = array("Q")
-    with ShardWriter(out_uri, f"part-{index:04d}", cfg.ingest.docs_per_shard, cfg.storage) as writer:
-        for record in read_records(uri, cfg, skipped, extracted):
+    with ShardWriter(out_uri, f"part-{index:04d}-{name}", cfg.ingest.docs_per_shard, cfg.storage) as writer:
+        for record in read_records(uri, cfg, tally, piece, cursor):
             records += 1
             if record.doc is None:
                 quarantined[record.reason] += 1
@@ -93,14 +106,16 @@ def ingest_file(unit: str, job: tuple[int, str], cfg: PipelineConfig, out_uri: s
     fs, path = storage.filesystem(uri, cfg.storage)
     result = {
         "uri": uri,
+        "slice": piece.to_list(),
+        "next_record": cursor.next_record,
         "format": detect_format(uri),
-        "raw_bytes": fs.info(path).get("size") or 0,
+        "raw_bytes": fs.info(path).get("size") or 0,  # (the whole file's: counted once per file in the totals)
         "records": records,
         "docs": writer.docs,
         "bytes": writer.text_bytes,
         "quarantined": dict(quarantined),
-        "skipped": dict(skipped),
-        "extracted_by": dict(extracted),
+        "skipped": dict(tally.skipped),
+        "extracted_by": dict(tally.extracted),
         "files": files,
     }
     progress.mark(unit, result)
@@ -147,22 +162,79 @@ def build(b: Build) -> StageResult:
     cfg, out, log = b.cfg, b.out, b.log
     inputs = list(b.identity["inputs"][RAW_FILES])
     progress = Progress(out)
-    units = {f"file-{index:04d}": (index, uri) for index, uri in enumerate(inputs)}
-    work = partial(ingest_file, cfg=cfg, out_uri=out.uri, progress=progress)
-    results, resumed = run_units(progress, units, work, cfg.ingest.workers, log, cfg.cluster.dask_address, b.progress)
-    per_file = list(results.values())
+    run = partial(run_units, progress, workers=cfg.ingest.workers, log=log, dask_address=cfg.cluster.dask_address)
+    units, planned = slice_units(inputs, cfg, progress, run)
+    work = partial(ingest_slice, cfg=cfg, out_uri=out.uri, progress=progress)
+    results, resumed = run(units=units, work=work, on_progress=b.progress)
+    resumed += planned
+    if false_cuts := falsely_cut(units, results):
+        log(f"ingest: {len(false_cuts)} WARC file(s) cut where no record starts (an archived WARC inside a page?): "
+            f"read again whole: {', '.join(inputs[i] for i in sorted(false_cuts))}")  # fmt: skip
+        units, results = read_whole(false_cuts, inputs, units, results, run, work, out, cfg)
+    per_unit = list(results.values())
     repeats = progress.result("repeated-ids")
     if repeats is None:  # (done once: a rerun after a kill past this point finds it, the id files gone)
-        repeats = repeated_ids(out.uri, list(units), per_file, cfg, log)
+        repeats = repeated_ids(out.uri, list(units), per_unit, cfg, log)
         progress.mark("repeated-ids", repeats)
     storage.remove(out.path(IDS), cfg.storage)
-    for result in per_file:
-        bad = sum(result["quarantined"].values())
-        log(f"ingest: {result['uri']}: {result['records']} records -> {result['docs']} documents, {bad} quarantined")
-    counts, stats = totals(per_file)
+    for uri, (docs, records, bad) in per_file(per_unit).items():
+        log(f"ingest: {uri}: {records} records -> {docs} documents, {bad} quarantined")
+    counts, stats = totals(per_unit)
     counts["repeated_ids"] = repeats["repeated_ids"]
-    stats.update(repeated_id_examples=repeats["repeated_id_examples"], units_resumed=resumed)
-    return StageResult([f for r in per_file for f in r["files"]], counts, stats)
+    stats.update(repeated_id_examples=repeats["repeated_id_examples"], units_resumed=resumed, slices=len(units))
+    return StageResult([f for r in per_unit for f in r["files"]], counts, stats)
+
+
+def slice_units(inputs: list[str], cfg: PipelineConfig, progress: Progress, run) -> tuple[dict[str, Job], int]:
+    """Every input file's slices as units of work, in file order, and how many planning units had been done:
+    big files are cut by planning units (in parallel, each marked done: a resumed run cuts the same way without
+    reading the files again)."""
+    to_plan = {f"plan-{i:04d}": (i, uri) for i, uri in enumerate(inputs) if splittable(uri, detect_format(uri))}
+    planned, resumed = run(units=to_plan, work=partial(plan_file, cfg=cfg, progress=progress))
+    units = {}
+    for index, uri in enumerate(inputs):
+        found = planned.get(f"plan-{index:04d}")
+        pieces = [Slice(*piece) for piece in found["slices"]] if found else [WHOLE]
+        for k, piece in enumerate(pieces):
+            units[f"file-{index:04d}-{k:04d}"] = (index, uri, f"{k:04d}", piece)
+    return units, resumed
+
+
+def falsely_cut(units: dict[str, Job], results: dict[str, dict]) -> set[int]:
+    """Files (their numbers) with a slice whose next record did not start where the next slice began: a false
+    WARC cut (stages/ingest/slices.py). A slice that ended at damage says nothing about the next one."""
+    wrong, names = set(), list(units)
+    for name, after in zip(names, names[1:]):
+        (index, *_), (next_index, _, _, piece) = units[name], units[after]
+        result = results[name]
+        if index == next_index and result["format"] == "warc" and "unreadable_tail" not in result["quarantined"]:
+            if result["next_record"] != piece.start:
+                wrong.add(index)
+    return wrong
+
+
+def read_whole(files: set[int], inputs: list[str], units: dict, results: dict, run, work, out, cfg: PipelineConfig):
+    """The units and results with each of `files` read as one slice, its slices' output removed."""
+    whole = {f"file-{i:04d}-whole": (i, inputs[i], "whole", WHOLE) for i in sorted(files)}
+    done, _ = run(units=whole, work=work)
+    kept_units, kept_results = {}, {}
+    for name, job in [*units.items(), *whole.items()]:
+        if job[0] in files and job[2] != "whole":
+            for file in results[name]["files"]:
+                storage.remove(out.path(file), cfg.storage)
+            continue
+        kept_units[name], kept_results[name] = job, results.get(name) or done[name]
+    order = sorted(kept_units, key=lambda name: kept_units[name][0])  # (file order; a file's slices in order)
+    return {n: kept_units[n] for n in order}, {n: kept_results[n] for n in order}
+
+
+def per_file(per_unit: list[dict]) -> dict[str, tuple[int, int, int]]:
+    """(documents, records, quarantined) of each input file, over its slices."""
+    found: dict[str, Counter] = {}
+    for result in per_unit:
+        count = found.setdefault(result["uri"], Counter())
+        count.update(docs=result["docs"], records=result["records"], bad=sum(result["quarantined"].values()))
+    return {uri: (c["docs"], c["records"], c["bad"]) for uri, c in found.items()}
 
 
 def totals(per_file: list[dict]) -> tuple[dict, dict]:
@@ -175,11 +247,11 @@ def totals(per_file: list[dict]) -> tuple[dict, dict]:
         extracted.update(result["extracted_by"])
     removed = dict(sorted(quarantined.items()))
     counts = {
-        "files_in": len(per_file),
+        "files_in": len({r["uri"] for r in per_file}),
         "records_in": sum(r["records"] for r in per_file),
         "docs_in": sum(r["records"] for r in per_file),
         "docs_out": sum(r["docs"] for r in per_file),
-        "bytes_in": sum(r["raw_bytes"] for r in per_file),  # (the raw files, as stored: compressed or not)
+        "bytes_in": sum({r["uri"]: r["raw_bytes"] for r in per_file}.values()),  # (the raw files, as stored)
         "bytes_out": sum(r["bytes"] for r in per_file),
         "removed": removed,
         "quarantined": removed,

@@ -12,8 +12,9 @@ uncompressed file; in a .gz file it means the gzip stream ended inside the recor
 read and reading stops there (the stage records an unreadable tail). Headers cut short (FastWARC then reports a
 record without a Content-Length, and stops) or that FastWARC cannot parse stop reading likewise.
 
-`records` reads the records whose offsets fall in [start, end), numbering them from `first`: the same positions,
-offsets and ids as reading the whole file (what a slice of a big file will read).
+A record's position is its byte offset ("record at byte N", in the file as stored: a .gz file's member), which a
+slice of a big file knows as well as a reader of the whole file. `records` reads the records that start in
+[start, end) (stages/ingest/slices.py) and leaves in `cursor.next_record` where the record after them starts.
 """
 
 from __future__ import annotations
@@ -111,12 +112,11 @@ def records(
     extraction: Extraction,
     start: int = 0,
     end: int | None = None,
-    first: int = 1,
 ) -> Iterator:
-    """Every record in [start, end), in file order; pages are extracted a batch at a time."""
+    """Every record that starts in [start, end), in file order; pages are extracted a batch at a time."""
     pending = Pending(uri, cfg.ingest, extraction, skipped)
     try:
-        for item in read_items(uri, cfg, cursor, skipped, start, end, first):
+        for item in read_items(uri, cfg, cursor, skipped, start, end):
             if pending.add(item):
                 yield from pending.flush()
     except Exception:
@@ -125,7 +125,7 @@ def records(
     yield from pending.flush()
 
 
-def read_items(uri: str, cfg: PipelineConfig, cursor, skipped: Counter, start: int, end: int | None, first: int):
+def read_items(uri: str, cfg: PipelineConfig, cursor, skipped: Counter, start: int, end: int | None):
     """Each document record as a `Record` (quarantined) or (where, offset, page) to extract; skipped ones counted."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
@@ -134,16 +134,15 @@ def read_items(uri: str, cfg: PipelineConfig, cursor, skipped: Counter, start: i
     compressed = uri.lower().endswith(".gz")
     with storage.open_uri(uri, "rb", cfg.storage) as f:
         f.seek(start)
-        number = first - 1
-        cursor.at(f"record {first}", start)
+        cursor.at(f"record at byte {start}", start)
         for record in ArchiveIterator(f, parse_http=True):
             if end is not None and record.stream_pos >= end:
+                cursor.next_record = record.stream_pos
                 return
-            number += 1
-            where, offset = f"record {number}", record.stream_pos
+            where, offset = f"record at byte {record.stream_pos}", record.stream_pos
             cursor.at(where, offset)
             if record.headers.get("Content-Length") is None:  # (FastWARC's reading of headers cut short)
-                raise EOFError(f"record {number} ends inside its headers (no Content-Length): the file is cut")
+                raise EOFError(f"{where} ends inside its headers (no Content-Length): the file is cut")
             if record.record_type not in (WarcRecordType.response, WarcRecordType.conversion):
                 skipped["warc_non_document_records"] += 1  # warcinfo, request, metadata
                 continue
@@ -156,8 +155,8 @@ def read_items(uri: str, cfg: PipelineConfig, cursor, skipped: Counter, start: i
                 data, read = _bad(where, "invalid_record", f"{type(exc).__name__}: {exc}"), record.content_length
             short = record.content_length - read
             if short > 0 and compressed:
-                raise EOFError(f"the gzip stream ends inside record {number}, {short} bytes short of its end")
-            cursor.at(f"record {number + 1}", None)
+                raise EOFError(f"the gzip stream ends inside the {where}, {short} bytes short of its end")
+            cursor.at(f"the record after byte {offset}", None)
             if short > 0:
                 yield _bad(where, "truncated_record", f"payload {short} bytes short of its Content-Length", offset)
             elif isinstance(data, str):
