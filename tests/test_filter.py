@@ -142,3 +142,31 @@ def test_reusing_word_tokenizer_gives_datatrove_tokens(small_corpus):
     for method in ("word_tokenize", "sent_tokenize", "span_tokenize"):
         for text in texts + texts[:5]:  # the repeats come from the remembered results
             assert getattr(ours, method)(text) == getattr(reference, method)(text), (method, text[:80])
+
+
+def test_gopher_repetition_counts_are_datatrove_s(small_corpus):
+    import importlib.util
+    import random
+
+    from datatrove.pipeline.filters import gopher_repetition_filter
+
+    from stages.filter import repetition
+
+    spec = importlib.util.spec_from_file_location("datatrove_gopher", gopher_repetition_filter.__file__)
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)  # (datatrove's own helpers, whatever this process has installed)
+    records = readers.read_records(str(small_corpus["jsonl"]), load_config("tiny"), readers.Tally())
+    word_lists = [r.doc.text.split() for r in records if r.doc][:100]
+    rng = random.Random(0)
+    for _ in range(300):  # repeats, overlaps, and n-grams equal only once joined ("ab" "c" / "a" "bc")
+        vocab = rng.choice([["a", "b"], ["ab", "c", "a", "bc"], ["x", "y", "z", "xy", "yz"]])
+        word_lists.append([rng.choice(vocab) for _ in range(rng.randint(0, 60))])
+    word_lists += [[], ["one"], ["a"] * 25]
+    for words in word_lists:
+        for n in range(1, 11):
+            assert repetition.find_all_duplicate(words, n) == original.find_all_duplicate(words, n), (words, n)
+            grams = original.get_n_grams(words, n)
+            if grams:
+                assert repetition.find_top_duplicate(grams) == original.find_top_duplicate(grams), (words, n)
+    repetition.install()
+    assert gopher_repetition_filter.find_all_duplicate is repetition.find_all_duplicate

@@ -226,8 +226,8 @@ def test_each_extractor_gives_the_main_text_without_the_boilerplate(small_corpus
 
 
 def test_a_page_past_the_deadline_is_quarantined_and_the_next_one_extracted(tmp_path):
-    """In the thread that takes signals a timer stops the page; in any other (a Dask worker's thread) the page goes
-    through the sandbox process. Both give the same output."""
+    """The deadline holds in the main thread and in any other (a Dask worker's): the page's extraction runs in the
+    sandbox process either way, and the output is the same."""
     import threading
 
     uri = warc_of([DEEP, page(1), page(2)], tmp_path / "deep.warc.gz")

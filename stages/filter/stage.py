@@ -26,7 +26,7 @@ from stages.core import storage
 from stages.core.config import PipelineConfig
 from stages.core.documents import ShardWriter, read_docs
 from stages.core.stage import Build, Progress, Stage, StageResult, committed_shards, run_units
-from stages.filter import perplexity_model, quality_model, word_tokens
+from stages.filter import perplexity_model, quality_model, repetition, word_tokens
 from stages.filter.rules import build_rules, first_rejection, language_of
 
 
@@ -46,6 +46,7 @@ def filter_shard(
 
     fc = cfg.filter
     word_tokens.install()
+    repetition.install()
     rules = build_rules(cfg, quality, perplexity)
     pii = PIIFormatter(**fc.pii.block_kwargs()) if fc.pii.enabled else None
     removed_docs: Counter = Counter()

@@ -189,7 +189,7 @@ def slice_units(inputs: list[str], cfg: PipelineConfig, progress: Progress, run)
     """Every input file's slices as units of work, in file order, and how many planning units had been done:
     big files are cut by planning units (in parallel, each marked done: a resumed run cuts the same way without
     reading the files again)."""
-    to_plan = {f"plan-{i:04d}": (i, uri) for i, uri in enumerate(inputs) if splittable(uri, detect_format(uri))}
+    to_plan = {f"plan-{i:04d}": (i, uri) for i, uri in enumerate(inputs) if big(uri, cfg)}
     planned, resumed = run(units=to_plan, work=partial(plan_file, cfg=cfg, progress=progress))
     units = {}
     for index, uri in enumerate(inputs):
@@ -198,6 +198,14 @@ def slice_units(inputs: list[str], cfg: PipelineConfig, progress: Progress, run)
         for k, piece in enumerate(pieces):
             units[f"file-{index:04d}-{k:04d}"] = (index, uri, f"{k:04d}", piece)
     return units, resumed
+
+
+def big(uri: str, cfg: PipelineConfig) -> bool:
+    """Whether a file is worth planning: one that can be cut, and bigger than a slice."""
+    if not splittable(uri, detect_format(uri)):
+        return False
+    fs, path = storage.filesystem(uri, cfg.storage)
+    return (fs.info(path).get("size") or 0) > cfg.ingest.slice_bytes
 
 
 def falsely_cut(units: dict[str, Job], results: dict[str, dict]) -> set[int]:
