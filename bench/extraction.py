@@ -202,9 +202,19 @@ def quality(corpus: list[tuple[str, str]], repeats: int) -> dict[str, dict]:
         per_page = [overlap(text, truth) for text, (_, truth) in zip(outputs, corpus)]
         precision, recall, f1 = scores(per_page)
         f1s = sorted(scores([c])[2] for c in per_page)
+        by_markup = {kind: scores([c for c, (html, _) in zip(per_page, corpus) if markup(html) == kind])
+                     for kind in MARKUPS}  # fmt: skip
         found[name] = {"precision": precision, "recall": recall, "f1": f1, "f1_p10": f1s[len(f1s) // 10],
-                       "pages_per_s": len(corpus) / statistics.median(seconds)}  # fmt: skip
+                       "pages_per_s": len(corpus) / statistics.median(seconds), "by_markup": by_markup}  # fmt: skip
     return found
+
+
+MARKUPS = ("modern (nav, article, aside)", "older (divs named by class)", "anonymous (nothing named)")
+
+
+def markup(html: str) -> str:
+    """Which of make_page's three site markups a page has."""
+    return MARKUPS[0] if "<article>" in html else MARKUPS[1] if "post-content" in html else MARKUPS[2]
 
 
 def deadline_cost(corpus: list[tuple[str, str]], repeats: int) -> dict:
@@ -276,6 +286,18 @@ def table(r: dict, args, command: str) -> str:
     for name, q in r["quality"].items():
         lines.append(f"| {name} | {q['precision']:.3f} | {q['recall']:.3f} | {q['f1']:.3f} | {q['f1_p10']:.3f} | "
                      f"{q['pages_per_s']:,.0f} |")  # fmt: skip
+    lines += [
+        "",
+        "By the site's markup (precision / recall):",
+        "",
+        "| extractor | " + " | ".join(MARKUPS) + " |",
+        "|---|" + "---:|" * len(MARKUPS),
+    ]
+    for name, q in r["quality"].items():
+        cells = " | ".join(f"{q['by_markup'][kind][0]:.3f} / {q['by_markup'][kind][1]:.3f}" for kind in MARKUPS)
+        lines.append(f"| {name} | {cells} |")
+    lines += ["", "Resiliparse's main-content rules take a list (ul, ol) outside article and main for navigation and "
+              "drop it: the recall it loses on the older and the anonymous markup is mostly that."]  # fmt: skip
     d, w = r["deadline"], r["warc"]
     lines += [
         "",

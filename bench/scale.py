@@ -110,12 +110,21 @@ def measure(args) -> dict:
 
         built = build(corpus, int(args.gb * 1e9))
     raw = sum(p.stat().st_size for p in corpus.glob("*.warc.gz"))
+    uncompressed = sum(gzip_size(p) for p in corpus.glob("*.warc.gz"))
     root = Path(args.root)
     stages = {}
     for stage in PIPELINE.dataset_part:
         stages[stage.name] = run_stage(stage.name, settings(corpus, root, args.workers))
         print(stage.name, f"{stages[stage.name]['seconds']:.1f} s", flush=True)
-    return {"corpus": built, "raw_bytes": raw, "files": len(list(corpus.glob("*.warc.gz"))), "stages": stages}
+    return {"corpus": built, "raw_bytes": raw, "uncompressed_bytes": uncompressed,
+            "files": len(list(corpus.glob("*.warc.gz"))), "stages": stages}  # fmt: skip
+
+
+def gzip_size(path: Path) -> int:
+    import gzip
+
+    with gzip.open(path) as f:
+        return sum(len(chunk) for chunk in iter(lambda: f.read(1 << 24), b""))
 
 
 def table(r: dict, args, command: str) -> str:
@@ -126,8 +135,12 @@ def table(r: dict, args, command: str) -> str:
         SECTION,
         "",
         f"Command: `{command}`",
-        f"{machine()} {r['files']} WARC files, {r['raw_bytes'] / 1e9:.2f} GB compressed, {pages:,} records; "
-        f"{args.workers} worker processes per stage, the tiny preset's settings.",
+        f"{machine()} {r['files']} WARC files, {r['raw_bytes'] / 1e9:.2f} GB compressed "
+        f"({r['uncompressed_bytes'] / 1e9:.2f} GB of WARC), {pages:,} HTML pages; {args.workers} worker processes "
+        "per stage, the tiny preset's settings (English kept; decontamination against the held-out split).",
+        "",
+        "MB/s in: ingest counts the compressed WARC, the tokenizer the characters it trains on (a bounded "
+        "sample), the others the text they read.",
         "",
         "| stage | seconds | docs in | docs out | docs/s | MB/s in | peak RSS, all processes (MB) | "
         "peak RSS, one process (MB) | share |",
@@ -135,14 +148,19 @@ def table(r: dict, args, command: str) -> str:
     ]
     for name, s in stages.items():
         docs_in, docs_out, bytes_in = describe(name, s)
+        docs = (f"{docs_in:,} | {docs_out:,} | {docs_in / s['seconds']:,.0f}" if docs_in else
+                "(a sample) | - | -")  # fmt: skip
         lines.append(
-            f"| {name} | {s['seconds']:.1f} | {docs_in:,} | {docs_out:,} | {docs_in / s['seconds']:,.0f} | "
+            f"| {name} | {s['seconds']:.1f} | {docs} | "
             f"{bytes_in / 1e6 / s['seconds']:.1f} | {s['peak_tree'] / 1e6:,.0f} | {s['peak_process'] / 1e6:,.0f} | "
             f"{s['seconds'] / total:.0%} |"
         )
     lines.append(f"| all | {total:.1f} | {pages:,} | | {pages / total:,.0f} | "
                  f"{r['raw_bytes'] / 1e6 / total:.1f} | | | 100% |")  # fmt: skip
-    lines += ["", *projection(total, pages, r["raw_bytes"], args.workers), ""]
+    ingest = stages["ingest"]["seconds"]
+    lines += ["", f"Ingest read {r['uncompressed_bytes'] / 1e6 / ingest:.0f} MB/s of WARC, decompressed "
+              f"({r['uncompressed_bytes'] / 1e6 / ingest / args.workers:.0f} MB/s a core).", ""]  # fmt: skip
+    lines += [*projection(total, pages, r["raw_bytes"], args.workers), ""]
     return "\n".join(lines)
 
 
@@ -175,9 +193,13 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    parser.add_argument("--table-from", help="a scale.json of an earlier run: its table, nothing run")
     args = parser.parse_args()
-    result = measure(args)
-    (Path(args.root) / "scale.json").write_text(json.dumps(result, indent=2, default=str))
+    if args.table_from:
+        result = json.loads(Path(args.table_from).read_text())
+    else:
+        result = measure(args)
+        (Path(args.root) / "scale.json").write_text(json.dumps(result, indent=2, default=str))
     command = f"python bench/scale.py --gb {args.gb} --workers {args.workers} --write"
     text = table(result, args, command)
     print(text)

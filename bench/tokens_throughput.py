@@ -156,9 +156,11 @@ def measure_loader(root: Path) -> dict:
                     client.upload_file(str(path), "bench", f"{key}/{path.relative_to(folder)}")
             inputs[role] = StageOutput(role, f"s3://bench/{key}", cfg.storage)
         PIPELINE["tokenize"].run(cfg, inputs, log=lambda _: None)
+        tokens = PIPELINE["tokenize"].output(cfg, inputs).uri
         with tempfile.TemporaryDirectory() as cache:
             os.environ[loader.CACHE_ENV] = cache
-            batches = loader.make_loader(cfg, "train", cfg.train.micro_batch_size, shuffle=True, num_workers=0)
+            batches = loader.make_loader(cfg, "train", cfg.train.micro_batch_size, shuffle=True, num_workers=0,
+                                         data=tokens)  # fmt: skip
             tokens, seconds = timed(lambda: sum(batch.numel() for batch in batches))
     finally:
         server.terminate()

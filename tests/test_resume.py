@@ -67,6 +67,7 @@ def markers(folder) -> int:
     [
         ("ingest", 1, 0.0),
         ("ingest", 1, 0.05),  # (in the middle of another file: extraction takes milliseconds a page)
+        ("ingest", 5, 0.0),  # (both plans, two files and the first of the WARC file's slices done, not the others)
         ("filter", 1, 0.0),
         ("filter", 3, 0.2),
         ("dedup", 1, 0.0),  # among the signature units

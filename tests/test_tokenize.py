@@ -33,7 +33,7 @@ def test_tokenize_split_is_disjoint_deterministic_and_counted(data_pipeline):
     assert tokens.count(eos) >= len(tokens) // 64 // 20  # documents are separated by EOS
 
 
-def test_tokenize_drops_training_docs_sharing_13_grams_with_evaluation_texts(small_corpus, tmp_path):
+def test_tokenize_drops_training_docs_sharing_13_grams_with_evaluation_texts(small_corpus, tmp_path, monkeypatch):
     copies = {d["copy"] for d in json.loads((REPO / "data" / "sample" / "planted_duplicates.json").read_text())}
     rows = pq.read_table(small_corpus["parquet"]).to_pylist()
     texts, seen = [], set()
@@ -62,6 +62,7 @@ def test_tokenize_drops_training_docs_sharing_13_grams_with_evaluation_texts(sma
         {
             "storage.root": str(tmp_path / "out"),
             "ingest.inputs": [str(src)],
+            "ingest.docs_per_shard": 10,
             "tokenize.val_fraction": 0.2,
             "tokenizer.vocab_size": 500,
             "evaluate.decontaminate_with": [str(bench_file)],
@@ -78,3 +79,11 @@ def test_tokenize_drops_training_docs_sharing_13_grams_with_evaluation_texts(sma
     stream = StreamingDataset(str(out_dir("tokenize", cfg) / "train"), item_loader=TokensLoader(block_size=1))
     eos = bpe.load(PIPELINE.output("tokenizer", cfg)).token_to_id(cfg.tokenizer.eos_token)
     assert sum(int(t[0]) == eos for t in stream) == len(train) - 2  # one EOS per document kept
+    # the first pass in worker processes (a corpus past SCAN_IN_PROCESSES_FROM): the same split, held-out
+    # documents in the same order, the same documents removed
+    monkeypatch.setattr(tokenize, "SCAN_IN_PROCESSES_FROM", 0)
+    spread = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"workers": 2})})
+    t = PIPELINE.run("tokenize", spread, log=lambda _: None)
+    assert {k: t[k] for k in ("docs", "removed", "tokens")} == {k: s[k] for k in ("docs", "removed", "tokens")}
+    same = [(out_dir("tokenize", c) / tokenize.VAL_DOCS).read_text() for c in (cfg, spread)]
+    assert same[0] == same[1] and same[0].count("\n") == len(val)

@@ -30,7 +30,7 @@ def find_all_duplicate(words: list[str], n: int) -> int:
     if last <= 0:
         return 0
     joined = "".join(words)
-    ends = [0, *accumulate(len(word) for word in words)]
+    ends = [0, *accumulate(map(len, words))]
     grams = [joined[ends[i] : ends[i + n]] for i in range(last)]
     seen = set(grams)
     if len(seen) == last:  # (most prose: no n-gram repeats, so the scan would add each and find none)

@@ -14,9 +14,11 @@ shards.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -26,7 +28,7 @@ import xxhash
 from stages.core import storage
 from stages.core.config import PipelineConfig, StorageConfig
 from stages.core.documents import read_texts
-from stages.core.parallel import exit_when_gone
+from stages.core.parallel import exit_when_gone, map_in_processes
 from stages.core.stage import Build, Stage, StageResult, committed_shards, upstream_digest
 from stages.tokenize import decontaminate
 from stages.tokenize.decontaminate import is_contaminated
@@ -35,14 +37,20 @@ from stages.tokenizer.bpe import FILENAME as TOKENIZER_FILE
 SPLITS = ("train", "val")
 ENCODE_BATCH = 256  # documents per encode_batch call and per litdata item
 VAL_DOCS = "val_docs.jsonl"
+# Pass 1 reads the shards in worker processes from this many stored bytes on: below it, one process reads them
+# sooner than a pool of workers starts (about a second, importing pyarrow and the stages).
+SCAN_IN_PROCESSES_FROM = 64 << 20
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
     return "val" if xxhash.xxh64_intdigest(doc_id.encode()) % 1_000_000 < val_fraction * 1_000_000 else "train"
 
 
+Piece = tuple[int, int, int | None]  # (source's number, first document, end document or None: to the end)
+
+
 def encode_shard(
-    index: int,
+    piece: Piece,
     shard_uris: list[str],
     split: str,
     tokenizer_path: str,
@@ -52,7 +60,8 @@ def encode_shard(
     counts_dir: str,
     banned: frozenset[int] = frozenset(),
 ):
-    """litdata worker function: the shard's documents of the split as token ids with an EOS after each, one
+    """litdata worker function: the documents of the split in the piece of a shard (all of a training shard; a
+    part of the held-out documents, so every worker has some) as token ids with an EOS after each, one
     int32 tensor per batch of documents, leaving out those that share a 13-gram with an evaluation text
     (`banned`); then the number of documents it kept, in `counts_dir`.
 
@@ -82,8 +91,9 @@ def encode_shard(
             position += 1
         return torch.from_numpy(ids)
 
+    index, start, end = piece
     if split == "val":  # pass 1 wrote the held-out documents apart: read them, not every shard again
-        documents = ((d["id"], d["text"]) for d in _read_jsonl(shard_uris[index], storage_cfg))
+        documents = ((d["id"], d["text"]) for d in _read_jsonl(shard_uris[index], storage_cfg, start, end))
     else:
         documents = read_texts(shard_uris[index], storage_cfg)
     for doc_id, text in documents:
@@ -96,7 +106,7 @@ def encode_shard(
             batch = []
     if batch:
         yield flush()
-    Path(counts_dir, f"{split}-{index}.json").write_text(json.dumps({"docs": kept}))
+    Path(counts_dir, f"{split}-{index}-{start}.json").write_text(json.dumps({"docs": kept}))
 
 
 @functools.cache
@@ -104,9 +114,10 @@ def watch_parent_once() -> None:
     exit_when_gone(os.getppid())
 
 
-def _read_jsonl(uri: str, cfg: StorageConfig | None):
+def _read_jsonl(uri: str, cfg: StorageConfig | None, start: int = 0, end: int | None = None):
+    """Lines [start, end) of a JSONL file, parsed (the lines before `start` are skipped unparsed)."""
     with storage.open_uri(uri, "rb", cfg) as f:
-        for line in f:
+        for line in itertools.islice(f, start, end):
             yield json.loads(line)
 
 
@@ -133,27 +144,61 @@ def token_count(index: dict) -> int:
     return sum(chunk["dim"] for chunk in index["chunks"])
 
 
-def held_out_and_banned(b: Build, shard_uris: list[str], counts: dict) -> set[int]:
-    """Pass 1: the held-out documents (written for the evaluate stage) and the evaluation 13-grams."""
+def scan_shard(job: tuple[int, str], cfg: PipelineConfig, heldout: bool, tmp: str) -> dict:
+    """Pass 1, one shard (in a worker process): its counts, its held-out documents (to tmp/val-<n>.jsonl) and, for
+    the held-out decontamination, their 13-gram hashes."""
+    index, uri = job
+    counts = {"docs_in": 0, "bytes_in": 0, "train": 0, "val": 0}
+    banned: set[int] = set()
+    with open(Path(tmp, f"val-{index:06d}.jsonl"), "w", encoding="utf-8") as f:
+        for doc_id, text in read_texts(uri, cfg.storage):
+            counts["docs_in"] += 1
+            counts["bytes_in"] += len(text.encode("utf-8"))
+            split = split_of(doc_id, cfg.tokenize.val_fraction)
+            counts[split] += 1
+            if split == "val":
+                f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
+                if heldout:
+                    banned |= decontaminate.ngram_hashes(text)
+    return {"counts": counts, "banned": banned}
+
+
+def held_out_and_banned(b: Build, shard_uris: list[str], stored_bytes: int, counts: dict, tmp: str) -> set[int]:
+    """Pass 1: the held-out documents (written for the evaluate stage, in shard order) and the evaluation
+    13-grams; the shards are read in `tokenize.workers` processes, not by this one alone."""
     cfg = b.cfg
     banned: set[int] = set()
     for text in decontaminate.texts_from_files(cfg.evaluate.decontaminate_with, cfg.storage):
         banned |= decontaminate.ngram_hashes(text)
-    with storage.atomic_write(b.out.path(VAL_DOCS), cfg.storage, "w") as f:
-        for uri in shard_uris:
-            for doc_id, text in read_texts(uri, cfg.storage):
-                counts["docs_in"] += 1
-                counts["bytes_in"] += len(text.encode("utf-8"))
-                split = split_of(doc_id, cfg.tokenize.val_fraction)
-                counts["docs"][split] += 1
-                if split == "val":
-                    f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
-                    if b.identity["inputs"]["decontamination"]["heldout"]:
-                        banned |= decontaminate.ngram_hashes(text)
+    heldout = b.identity["inputs"]["decontamination"]["heldout"]
+    scan = partial(scan_shard, cfg=cfg, heldout=heldout, tmp=tmp)
+    workers = cfg.tokenize.workers if stored_bytes > SCAN_IN_PROCESSES_FROM else 1
+    found = map_in_processes(scan, list(enumerate(shard_uris)), workers)
+    with storage.atomic_write(b.out.path(VAL_DOCS), cfg.storage) as out:
+        for index, shard in enumerate(found):
+            for key in ("docs_in", "bytes_in"):
+                counts[key] += shard["counts"][key]
+            for split in SPLITS:
+                counts["docs"][split] += shard["counts"][split]
+            banned |= shard["banned"]
+            part = Path(tmp, f"val-{index:06d}.jsonl")
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out)
+            part.unlink()
     return banned
 
 
-def write_split(b: Build, split: str, sources: list[str], tokenizer_path: str, banned: frozenset, tmp: str) -> dict:
+def pieces(split: str, sources: list[str], val_docs: int, workers: int) -> list[Piece]:
+    """litdata's inputs, which it deals out to its workers in order: every training shard whole, the held-out
+    documents (one file) in one part per worker (whole, it would be one worker's alone)."""
+    if split == "train":
+        return [(index, 0, None) for index in range(len(sources))]
+    parts = max(1, min(workers, val_docs))
+    return [(0, k * val_docs // parts, (k + 1) * val_docs // parts) for k in range(parts)]
+
+
+def write_split(b: Build, split: str, sources: list[str], tokenizer_path: str, banned: frozenset, tmp: str,
+                val_docs: int) -> dict:  # fmt: skip
     """Pass 2, one split: token shards through litdata; its pinned index."""
     from litdata import TokensLoader, optimize
 
@@ -174,7 +219,7 @@ def write_split(b: Build, split: str, sources: list[str], tokenizer_path: str, b
             counts_dir=tmp,
             banned=banned,
         ),
-        inputs=list(range(len(sources))),
+        inputs=pieces(split, sources, val_docs, tc.workers),
         output_dir=split_uri if storage.is_remote(split_uri) else str(Path(split_uri)),
         chunk_bytes=tc.chunk_bytes,
         item_loader=TokensLoader(),
@@ -192,7 +237,9 @@ def write_split(b: Build, split: str, sources: list[str], tokenizer_path: str, b
 
 def build(b: Build) -> StageResult:
     cfg, docs, tokenizer = b.cfg, b.inputs["docs"], b.inputs["tokenizer"]
-    shard_uris = [docs.path(s) for s in committed_shards(docs)]
+    shards = committed_shards(docs)
+    shard_uris = [docs.path(s) for s in shards]
+    stored_bytes = sum(docs.manifest()["files"][s]["bytes"] for s in shards)
     counts: dict = {
         "docs_in": 0,
         "bytes_in": 0,
@@ -201,10 +248,10 @@ def build(b: Build) -> StageResult:
         "tokenizer_sha256": tokenizer.manifest()["files"][TOKENIZER_FILE]["sha256"],
         "dataset": upstream_digest(docs),  # the deduplicated dataset these tokens come from
     }
-    banned = held_out_and_banned(b, shard_uris, counts)
     files: list[str] = [VAL_DOCS]
     chunk_bytes = 0
     with tempfile.TemporaryDirectory() as tmp:
+        banned = held_out_and_banned(b, shard_uris, stored_bytes, counts, tmp)
         tokenizer_path = str(Path(tmp) / TOKENIZER_FILE)
         with storage.open_uri(tokenizer.path(TOKENIZER_FILE), "rb", cfg.storage) as f:
             Path(tokenizer_path).write_bytes(f.read())
@@ -213,7 +260,8 @@ def build(b: Build) -> StageResult:
         files.append(TOKENIZER_FILE)
         for split in SPLITS:
             sources = shard_uris if split == "train" else [b.out.path(VAL_DOCS)]
-            index = write_split(b, split, sources, tokenizer_path, frozenset(banned if split == "train" else ()), tmp)
+            banned_here = frozenset(banned if split == "train" else ())
+            index = write_split(b, split, sources, tokenizer_path, banned_here, tmp, counts["docs"]["val"])
             counts["tokens"][split] = token_count(index)
             chunk_bytes += sum(chunk["chunk_bytes"] for chunk in index["chunks"])
             if split == "train":
