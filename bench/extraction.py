@@ -297,7 +297,8 @@ def table(r: dict, args, command: str) -> str:
         cells = " | ".join(f"{q['by_markup'][kind][0]:.3f} / {q['by_markup'][kind][1]:.3f}" for kind in MARKUPS)
         lines.append(f"| {name} | {cells} |")
     lines += ["", "Resiliparse's main-content rules take a list (ul, ol) outside article and main for navigation and "
-              "drop it: the recall it loses on the older and the anonymous markup is mostly that."]  # fmt: skip
+              "drop it: that is the recall it loses on the older markup. On the modern markup it keeps some of the "
+              "comments and related posts that trafilatura drops."]  # fmt: skip
     d, w = r["deadline"], r["warc"]
     lines += [
         "",
