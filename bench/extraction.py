@@ -297,8 +297,8 @@ def table(r: dict, args, command: str) -> str:
         cells = " | ".join(f"{q['by_markup'][kind][0]:.3f} / {q['by_markup'][kind][1]:.3f}" for kind in MARKUPS)
         lines.append(f"| {name} | {cells} |")
     lines += ["", "Resiliparse's main-content rules take a list (ul, ol) outside article and main for navigation and "
-              "drop it: that is the recall it loses on the older markup. On the modern markup it keeps some of the "
-              "comments and related posts that trafilatura drops."]  # fmt: skip
+              "drop it: that is the recall it loses on the older markup. On the anonymous markup it also keeps the "
+              "comment thread, the related posts and the footer, which trafilatura drops."]  # fmt: skip
     d, w = r["deadline"], r["warc"]
     lines += [
         "",
