@@ -99,7 +99,10 @@ def line_slices(f, target: int) -> list[Slice]:
             cut = start + target
         lines += chunk.count(b"\n", searched)
         position += len(chunk)
-    return slices + [Slice(start, None, first)] if start < position or not slices else slices
+    if slices and start == position:  # (the last cut fell at the file's end: the last slice runs to it)
+        last = slices.pop()
+        start, first = last.start, last.first
+    return slices + [Slice(start, None, first)]
 
 
 def record_start(f, at: int, compressed: bool) -> int | None:
