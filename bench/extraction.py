@@ -320,14 +320,19 @@ def table(r: dict, args, command: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def page_arguments() -> argparse.ArgumentParser:
+    """The options of a bench over these pages as WARC files (this one and bench/filter_vs_datatrove.py)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=4000)
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = page_arguments().parse_args()
     corpus = pages(args.pages)
     result = {
         "texts": len({truth for _, truth in corpus}),

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.extraction import pages, write_warcs
+from bench.extraction import page_arguments, pages, write_warcs
 from bench.stage_times import machine, write_section
 from stages.core.config import load_config
 from stages.pipeline import PIPELINE
@@ -185,12 +185,7 @@ def table(r: dict, args, command: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--pages", type=int, default=4000)
-    parser.add_argument("--files", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    parser = page_arguments()
     parser.add_argument("--run-datatrove", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_datatrove:

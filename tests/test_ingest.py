@@ -327,7 +327,7 @@ def test_slices_cut_files_at_record_starts_and_every_byte_is_in_one(small_corpus
     for path in (small_corpus["warc"], tmp_path / "plain.warc", tmp_path / "lines.jsonl"):
         fmt = "warc" if "warc" in path.name else "jsonl"
         cfg = load_config("tiny", {"ingest.inputs": [str(path)], "ingest.slice_bytes": 25_000})
-        pieces = slices.plan(str(path), fmt, cfg)
+        pieces = slices.plan(str(path), fmt, path.stat().st_size, cfg)
         assert len(pieces) > 5 and pieces[0].start == 0 and pieces[-1].end is None
         assert all(a.end == b.start for a, b in zip(pieces, pieces[1:]))  # contiguous: nothing read twice or lost
         if fmt == "warc":

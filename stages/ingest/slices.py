@@ -58,15 +58,11 @@ def splittable(uri: str, fmt: str) -> bool:
     return fmt in ("parquet", "warc")
 
 
-def plan(uri: str, fmt: str, cfg: PipelineConfig) -> list[Slice]:
-    """The file's slices, in order; one WHOLE slice for a file that is small, cannot be cut, or whose structure
-    cannot be read here (the reader then finds and reports the damage)."""
+def plan(uri: str, fmt: str, size: int, cfg: PipelineConfig) -> list[Slice]:
+    """The slices of a file of `size` bytes, in order; one WHOLE slice for a file that is no bigger than a slice,
+    cannot be cut, or whose structure cannot be read here (the reader then finds and reports the damage)."""
     target = cfg.ingest.slice_bytes
-    if not splittable(uri, fmt):
-        return [WHOLE]
-    fs, path = storage.filesystem(uri, cfg.storage)
-    size = fs.info(path).get("size") or 0
-    if size <= target:
+    if not splittable(uri, fmt) or size <= target:
         return [WHOLE]
     if fmt == "parquet":
         return parquet_slices(uri, cfg, target)

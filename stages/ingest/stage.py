@@ -74,9 +74,10 @@ class QuarantineWriter:
 Job = tuple[int, str, str, Slice]  # (input file's number, its URI, the slice's name, the slice)
 
 
-def plan_file(unit: str, job: tuple[int, str], cfg: PipelineConfig, progress: Progress) -> dict:
+def plan_file(unit: str, job: tuple[int, str, int], cfg: PipelineConfig, progress: Progress) -> dict:
     """A file's slices, as its completion marker (so a resumed run cuts it the same way without reading it again)."""
-    result = {"slices": [piece.to_list() for piece in plan(job[1], detect_format(job[1]), cfg)]}
+    _, uri, size = job
+    result = {"slices": [piece.to_list() for piece in plan(uri, detect_format(uri), size, cfg)]}
     progress.mark(unit, result)
     return result
 
@@ -189,7 +190,8 @@ def slice_units(inputs: list[str], cfg: PipelineConfig, progress: Progress, run)
     """Every input file's slices as units of work, in file order, and how many planning units had been done:
     big files are cut by planning units (in parallel, each marked done: a resumed run cuts the same way without
     reading the files again)."""
-    to_plan = {f"plan-{i:04d}": (i, uri) for i, uri in enumerate(inputs) if big(uri, cfg)}
+    sizes = {i: size_if_splittable(uri, cfg) for i, uri in enumerate(inputs)}
+    to_plan = {f"plan-{i:04d}": (i, uri, sizes[i]) for i, uri in enumerate(inputs) if sizes[i] > cfg.ingest.slice_bytes}
     planned, resumed = run(units=to_plan, work=partial(plan_file, cfg=cfg, progress=progress))
     units = {}
     for index, uri in enumerate(inputs):
@@ -200,12 +202,12 @@ def slice_units(inputs: list[str], cfg: PipelineConfig, progress: Progress, run)
     return units, resumed
 
 
-def big(uri: str, cfg: PipelineConfig) -> bool:
-    """Whether a file is worth planning: one that can be cut, and bigger than a slice."""
+def size_if_splittable(uri: str, cfg: PipelineConfig) -> int:
+    """A file's size when it can be cut (a file bigger than a slice is planned), else 0 without asking."""
     if not splittable(uri, detect_format(uri)):
-        return False
+        return 0
     fs, path = storage.filesystem(uri, cfg.storage)
-    return (fs.info(path).get("size") or 0) > cfg.ingest.slice_bytes
+    return fs.info(path).get("size") or 0
 
 
 def falsely_cut(units: dict[str, Job], results: dict[str, dict]) -> set[int]:
