@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.stage_times import machine, write_section
 from stages.core.config import load_config
-from stages.ingest.extract import BATCH_PAGES, Extraction, extractor
+from stages.ingest.extract import BATCH_BYTES, BATCH_PAGES, Extraction, batch_full, extractor
 
 SECTION = "## HTML extraction: quality, speed and WARC -> documents"
 SAMPLE = REPO / "data" / "sample"
@@ -228,10 +228,16 @@ def deadline_cost(corpus: list[tuple[str, str]], repeats: int) -> dict:
         [extract(h.decode("utf-8")) for h in html]
         inline.append(time.perf_counter() - started)
         with Extraction(ic) as extraction:
-            extraction.texts(html[:1])  # (the child's start-up: once per input file, not per page)
+            extraction.texts(html[:1])  # (the child's start-up: once per worker process, not per page)
             started = time.perf_counter()
-            for k in range(0, len(html), BATCH_PAGES):
-                extraction.texts(html[k : k + BATCH_PAGES])
+            batch, size = [], 0
+            for page in html:  # (batched as the stage batches: stages/ingest/warc.py's Pending)
+                batch.append(page)
+                size += len(page)
+                if batch_full(len(batch), size):
+                    extraction.texts(batch)
+                    batch, size = [], 0
+            extraction.texts(batch)
             guarded.append(time.perf_counter() - started)
     a, b = statistics.median(inline), statistics.median(guarded)
     return {"inline_s": a, "guarded_s": b, "overhead": b / a - 1}
@@ -296,13 +302,15 @@ def table(r: dict, args, command: str) -> str:
     for name, q in r["quality"].items():
         cells = " | ".join(f"{q['by_markup'][kind][0]:.3f} / {q['by_markup'][kind][1]:.3f}" for kind in MARKUPS)
         lines.append(f"| {name} | {cells} |")
-    lines += ["", "Resiliparse's main-content rules take a list (ul, ol) outside article and main for navigation and "
-              "drop it: that is the recall it loses on the older markup. On the anonymous markup it also keeps the "
+    lines += ["", "Resiliparse's main-content rules take a `ul` fewer than four elements below `body` for navigation "
+              "and drop it (`_is_main_content_node` in its html2text.pyx; an `ol` is kept): that is the recall it "
+              "loses on the older markup, whose article sits shallow. On the anonymous markup it also keeps the "
               "comment thread, the related posts and the footer, which trafilatura drops."]  # fmt: skip
     d, w = r["deadline"], r["warc"]
     lines += [
         "",
-        f"The deadline's cost (default extractor, pages to the sandbox in batches of {BATCH_PAGES}): "
+        f"The deadline's cost (default extractor, pages to the sandbox in batches of up to {BATCH_PAGES} pages or "
+        f"{BATCH_BYTES >> 20} MiB): "
         f"{d['guarded_s']:.2f} s against {d['inline_s']:.2f} s in-process, {d['overhead']:+.1%}.",
         "",
         f"WARC -> documents, {args.files} files, {args.workers} worker processes each side:",

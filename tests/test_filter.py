@@ -40,6 +40,37 @@ def test_filter_counts_removals_per_rule_and_keeps_removed_docs(data_pipeline):
     assert any(d.metadata["language"] in ("de", "fr", "es") for d in removed)
 
 
+def test_url_rule_with_mapped_domain_list_decides_as_datatrove():
+    import itertools
+    import random
+
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import URLFilter
+
+    from stages.filter import url_lists
+
+    ours = url_lists.url_rule({"extra_domains": ["extra-blocked.example"]})
+    theirs = URLFilter(extra_domains=["extra-blocked.example"])
+    ours.tldextractor = theirs.tldextractor = ours.tldextractor  # (the offline public-suffix snapshot, both)
+    ours.download_data()
+    folder = url_lists.Path(ours.block_listed_domains.hashes.filename).parent
+    with open(folder / "domains") as f:
+        listed = [line.strip() for line in itertools.islice(f, 0, 4_000_000, 20_000) if not line.startswith("#")]
+    with open(folder / "urls") as f:
+        urls = [line.strip() for line in itertools.islice(f, 0, 20_000, 500)]
+    rng = random.Random(0)
+    candidates = [f"https://{d}/page" for d in listed] + [f"http://www.{d}/" for d in listed[:50]] + urls
+    candidates += [f"https://{d.replace('.', 'x', 1)}.org/a" for d in listed[:100]]  # near misses: not listed
+    candidates += [f"https://site{rng.randrange(10**9)}.example/{w}" for w in ("news", "porn", "xxx", "casino")]
+    candidates += ["https://extra-blocked.example/x", "https://sub.extra-blocked.example/x", "https://192.0.2.1/"]
+    documents = [Document("", str(i), metadata={"url": url}) for i, url in enumerate(candidates)]
+    verdicts = [(ours.filter(doc), theirs.filter(doc)) for doc in documents]
+    assert all(a == b for a, b in verdicts), [(u, v) for u, v in zip(candidates, verdicts) if v[0] != v[1]][:5]
+    reasons = Counter(v[0][1] if isinstance(v[0], tuple) else "kept" for v in verdicts)
+    assert reasons["domain"] + reasons["subdomain"] > 150 and reasons["url"] > 20 and reasons["kept"] > 100
+    assert len(ours.block_listed_domains) == len(theirs.block_listed_domains) > 4_000_000
+
+
 def test_url_badwords_pii_rules_and_configured_thresholds(tmp_path):
     badword = next(
         w for w in (REPO / "models" / "badwords" / "en").read_text().split("\n") if w.isalpha() and len(w) > 4

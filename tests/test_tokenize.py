@@ -87,3 +87,22 @@ def test_tokenize_drops_training_docs_sharing_13_grams_with_evaluation_texts(sma
     assert {k: t[k] for k in ("docs", "removed", "tokens")} == {k: s[k] for k in ("docs", "removed", "tokens")}
     same = [(out_dir("tokenize", c) / tokenize.VAL_DOCS).read_text() for c in (cfg, spread)]
     assert same[0] == same[1] and same[0].count("\n") == len(val)
+
+
+def test_pass_two_deals_even_work_to_every_worker_even_from_one_shard(tmp_path):
+    from stages.core.documents import Doc, ShardWriter
+
+    sizes = [((i * 7919) % 97 + 1) * 100 for i in range(300)]  # uneven documents, some 97 times others
+    with ShardWriter(str(tmp_path), "part", 1000) as writer:
+        for i, size in enumerate(sizes):
+            writer.write(Doc(f"doc-{i}", "x" * size, "test"))
+    cfg = load_config("tiny", {"tokenize.workers": 3})
+    scanned = tokenize.scan_shard((0, str(tmp_path / "part-00000.parquet")), cfg, False, str(tmp_path), cuts=24)
+    pieces = scanned["pieces"]
+    assert [p[0][1] for p in pieces][0] == 0 and pieces[-1][0][2] == len(sizes)
+    assert all(a[0][2] == b[0][1] for a, b in zip(pieces, pieces[1:]))  # contiguous: nothing read twice or lost
+    assert [size for _, size in pieces] == [sum(sizes[s:e]) for (_, s, e), _ in pieces]
+    shares = tokenize.shares("train", pieces, 0, 3)
+    loads = [sum(sum(sizes[s:e]) for _, s, e in share) for share in shares]
+    assert len(shares) == 3 and max(loads) < 1.1 * sum(sizes) / 3  # one shard, three workers, even work
+    assert sorted(p for share in shares for p in share) == [p for p, _ in pieces]

@@ -60,12 +60,25 @@ def read_docs(uri: str, cfg: StorageConfig | None = None) -> Iterator[Doc]:
                 yield Doc(row["id"], row["text"], row["source"], row["url"], json.loads(row["metadata"] or "{}"))
 
 
-def read_texts(uri: str, cfg: StorageConfig | None = None) -> Iterator[tuple[str, str]]:
-    """Stream (id, text) of one shard's documents: the two columns only, for stages that need nothing else."""
+def read_batches(uri: str, cfg: StorageConfig | None = None, columns=("id", "text")) -> Iterator[pa.RecordBatch]:
+    """Stream one shard's columns as Arrow record batches (for work that need not make Python objects of all)."""
     with storage.open_uri(uri, "rb", cfg) as f:
-        parquet = pq.ParquetFile(f)
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=["id", "text"]):
-            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+        yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=list(columns))
+
+
+def read_texts(uri: str, cfg: StorageConfig | None = None, start: int = 0,
+               end: int | None = None) -> Iterator[tuple[str, str]]:  # fmt: skip
+    """Stream (id, text) of one shard's documents [start, end): the two columns only, for stages that need nothing
+    else (rows outside the range never become Python objects)."""
+    first = 0  # the batch's first row
+    for batch in read_batches(uri, cfg):
+        rows = batch.num_rows
+        if end is not None and first >= end:
+            return
+        if first + rows > start:
+            part = batch.slice(max(0, start - first), (end if end is not None else first + rows) - max(first, start))
+            yield from zip(part.column(0).to_pylist(), part.column(1).to_pylist())
+        first += rows
 
 
 def count_docs(uri: str, cfg: StorageConfig | None = None) -> int:

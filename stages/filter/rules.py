@@ -1,8 +1,8 @@
 """The filter's rules: datatrove blocks built from `FilterConfig`, in FineWeb's order, and the first rule that
 removes a document.
 
-Blocks that hold no state between documents and are costly to build (datatrove's URL blocklists take about a
-second to parse, the fastText models to load) are built once per process and reused for every shard; the
+Blocks that hold no state between documents and are costly to build (the URL rule's lists, the fastText models
+to load) are built once per process and reused for every shard; the
 others are built per shard, so that a shard's output never depends on which shards a process ran before
 (C4BadWordsFilter draws from a seeded generator).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stages.core import storage
 from stages.core.config import PipelineConfig
-from stages.filter import perplexity_model, quality_model
+from stages.filter import perplexity_model, quality_model, url_lists
 
 
 def _local_badwords(lists_dir: str) -> None:
@@ -74,20 +74,14 @@ def build_rules(
         FineWebQualityFilter,
         GopherQualityFilter,
         GopherRepetitionFilter,
-        URLFilter,
     )
-    from tldextract import TLDExtract
 
     fc = cfg.filter
     rules: list[tuple[str, object]] = []
     if fc.url.enabled:
 
-        def make_url():
-            url = URLFilter(**fc.url.block_kwargs())
-            url.tldextractor = TLDExtract(suffix_list_urls=())
-            return url
-
-        rules.append(("url", _reused(f"url {storage.digest_of(fc.url.block_kwargs())}", make_url)))
+        kwargs = fc.url.block_kwargs()
+        rules.append(("url", _reused(f"url {storage.digest_of(kwargs)}", lambda: url_lists.url_rule(kwargs))))
 
     rules.append(("language", language_rule(cfg)))
     blocks = [

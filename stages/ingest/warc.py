@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from stages.core import storage
 from stages.core.config import IngestConfig, PipelineConfig
-from stages.ingest.extract import BATCH_BYTES, BATCH_PAGES, NOT_HTML, Extraction, NotHtml, decoded
+from stages.ingest.extract import NOT_HTML, Extraction, NotHtml, batch_full, decoded
 
 HTML = ("text/html", "application/xhtml+xml")
 
@@ -69,7 +69,7 @@ class Pending:
         if isinstance(item, tuple):
             self.pages += 1
             self.bytes += len(item[2]["html"])
-        return self.pages >= BATCH_PAGES or self.bytes >= BATCH_BYTES
+        return batch_full(self.pages, self.bytes)
 
     def flush(self) -> Iterator:
         from stages.ingest.readers import Record

@@ -27,7 +27,7 @@ import xxhash
 
 from stages.core import storage
 from stages.core.config import PipelineConfig, StorageConfig
-from stages.core.documents import read_texts
+from stages.core.documents import read_batches, read_texts
 from stages.core.parallel import exit_when_gone, map_in_processes
 from stages.core.stage import Build, Stage, StageResult, committed_shards, upstream_digest
 from stages.tokenize import decontaminate
@@ -40,6 +40,7 @@ VAL_DOCS = "val_docs.jsonl"
 # Pass 1 reads the shards in worker processes from this many stored bytes on: below it, one process reads them
 # sooner than a pool of workers starts (about a second, importing pyarrow and the stages).
 SCAN_IN_PROCESSES_FROM = 64 << 20
+PIECES_PER_WORKER = 8  # (enough that dealing training pieces by size evens out the workers: see shares)
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
@@ -47,10 +48,11 @@ def split_of(doc_id: str, val_fraction: float) -> str:
 
 
 Piece = tuple[int, int, int | None]  # (source's number, first document, end document or None: to the end)
+Share = tuple[Piece, ...]  # one litdata worker's input: all it encodes
 
 
-def encode_shard(
-    piece: Piece,
+def encode_share(
+    share: Share,
     shard_uris: list[str],
     split: str,
     tokenizer_path: str,
@@ -60,10 +62,10 @@ def encode_shard(
     counts_dir: str,
     banned: frozenset[int] = frozenset(),
 ):
-    """litdata worker function: the documents of the split in the piece of a shard (all of a training shard; a
-    part of the held-out documents, so every worker has some) as token ids with an EOS after each, one
-    int32 tensor per batch of documents, leaving out those that share a 13-gram with an evaluation text
-    (`banned`); then the number of documents it kept, in `counts_dir`.
+    """litdata worker function: the documents of the split in each piece of the share (training shards whole; a
+    part of the held-out documents) as token ids with an EOS after each, one int32 tensor per batch of
+    documents, leaving out those that share a 13-gram with an evaluation text (`banned`); then the number of
+    documents each piece kept, in `counts_dir`.
 
     One tensor per batch, not per document: TokensLoader reads every chunk as one stream of tokens, so where
     items begin does not matter to it, while litdata's per-item cost would be paid 256 times more. It takes the
@@ -78,35 +80,34 @@ def encode_shard(
         watch_parent_once()
     tokenizer = Tokenizer.from_file(tokenizer_path)
     batch: list[str] = []
-    kept = 0
 
     def flush():
-        encodings = tokenizer.encode_batch_fast(batch)
-        ids = np.empty(sum(len(e.ids) + 1 for e in encodings), dtype=np.int32)
+        docs = [encoding.ids for encoding in tokenizer.encode_batch_fast(batch)]  # (each .ids makes a new list)
+        ids = np.empty(sum(map(len, docs)) + len(docs), dtype=np.int32)
         position = 0
-        for encoding in encodings:
-            ids[position : position + len(encoding.ids)] = encoding.ids
-            position += len(encoding.ids)
-            ids[position] = eos_id
-            position += 1
+        for doc in docs:
+            ids[position : position + len(doc)] = doc
+            ids[position + len(doc)] = eos_id
+            position += len(doc) + 1
         return torch.from_numpy(ids)
 
-    index, start, end = piece
-    if split == "val":  # pass 1 wrote the held-out documents apart: read them, not every shard again
-        documents = ((d["id"], d["text"]) for d in _read_jsonl(shard_uris[index], storage_cfg, start, end))
-    else:
-        documents = read_texts(shard_uris[index], storage_cfg)
-    for doc_id, text in documents:
-        if split_of(doc_id, val_fraction) != split or is_contaminated(text, banned):
-            continue
-        batch.append(text)
-        kept += 1
-        if len(batch) >= ENCODE_BATCH:
-            yield flush()
-            batch = []
+    for index, start, end in share:
+        if split == "val":  # pass 1 wrote the held-out documents apart: read them, not every shard again
+            documents = ((d["id"], d["text"]) for d in _read_jsonl(shard_uris[index], storage_cfg, start, end))
+        else:
+            documents = read_texts(shard_uris[index], storage_cfg, start, end)
+        kept = 0
+        for doc_id, text in documents:
+            if split_of(doc_id, val_fraction) != split or is_contaminated(text, banned):
+                continue
+            batch.append(text)
+            kept += 1
+            if len(batch) >= ENCODE_BATCH:
+                yield flush()
+                batch = []
+        Path(counts_dir, f"{split}-{index}-{start}.json").write_text(json.dumps({"docs": kept}))
     if batch:
         yield flush()
-    Path(counts_dir, f"{split}-{index}-{start}.json").write_text(json.dumps({"docs": kept}))
 
 
 @functools.cache
@@ -144,34 +145,54 @@ def token_count(index: dict) -> int:
     return sum(chunk["dim"] for chunk in index["chunks"])
 
 
-def scan_shard(job: tuple[int, str], cfg: PipelineConfig, heldout: bool, tmp: str) -> dict:
-    """Pass 1, one shard (in a worker process): its counts, its held-out documents (to tmp/val-<n>.jsonl) and, for
-    the held-out decontamination, their 13-gram hashes."""
+def scan_shard(job: tuple[int, str], cfg: PipelineConfig, heldout: bool, tmp: str, cuts: int) -> dict:
+    """Pass 1, one shard (in a worker process): its counts, its held-out documents (to tmp/val-<n>.jsonl), for the
+    held-out decontamination their 13-gram hashes, and the shard cut in `cuts` runs of documents of about equal
+    bytes (pass 2's pieces: see shares).
+
+    Columnar: byte counts come from Arrow and only held-out texts become Python strings, so this pass costs a
+    fraction of the second's reading of every training text (pass 2 converts those anyway)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     index, uri = job
     counts = {"docs_in": 0, "bytes_in": 0, "train": 0, "val": 0}
     banned: set[int] = set()
+    lengths = []  # (each document's UTF-8 bytes, as str.encode counts them: 8 bytes a document, one shard's)
     with open(Path(tmp, f"val-{index:06d}.jsonl"), "w", encoding="utf-8") as f:
-        for doc_id, text in read_texts(uri, cfg.storage):
-            counts["docs_in"] += 1
-            counts["bytes_in"] += len(text.encode("utf-8"))
-            split = split_of(doc_id, cfg.tokenize.val_fraction)
-            counts[split] += 1
-            if split == "val":
-                f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
+        for batch in read_batches(uri, cfg.storage):
+            ids, texts = batch.column(0).to_pylist(), batch.column(1)
+            lengths.append(pc.binary_length(texts).fill_null(0).to_numpy().astype(np.int64))
+            val = [n for n, doc_id in enumerate(ids) if split_of(doc_id, cfg.tokenize.val_fraction) == "val"]
+            counts["val"] += len(val)
+            counts["train"] += len(ids) - len(val)
+            for n, text in zip(val, texts.take(pa.array(val, pa.int64())).to_pylist()):
+                f.write(json.dumps({"id": ids[n], "text": text}, ensure_ascii=False) + "\n")
                 if heldout:
                     banned |= decontaminate.ngram_hashes(text)
-    return {"counts": counts, "banned": banned}
+    ends = np.cumsum(np.concatenate(lengths)) if lengths else np.zeros(0, np.int64)
+    counts["docs_in"], counts["bytes_in"] = len(ends), int(ends[-1]) if len(ends) else 0
+    cut_at = sorted({0, len(ends), *(int(np.searchsorted(ends, counts["bytes_in"] * k / cuts, "right"))
+                                     for k in range(1, cuts))})  # fmt: skip
+    pieces = [((index, start, end), int(ends[end - 1] - (ends[start - 1] if start else 0)))
+              for start, end in zip(cut_at, cut_at[1:]) if end > start]  # fmt: skip
+    return {"counts": counts, "banned": banned, "pieces": pieces}
 
 
-def held_out_and_banned(b: Build, shard_uris: list[str], stored_bytes: int, counts: dict, tmp: str) -> set[int]:
-    """Pass 1: the held-out documents (written for the evaluate stage, in shard order) and the evaluation
-    13-grams; the shards are read in `tokenize.workers` processes, not by this one alone."""
+def held_out_and_banned(b: Build, shard_uris: list[str], stored_bytes: int, counts: dict,
+                        tmp: str) -> tuple[set[int], list[tuple[Piece, int]]]:  # fmt: skip
+    """Pass 1: the held-out documents (written for the evaluate stage, in shard order), the evaluation 13-grams
+    and the training pieces with their bytes; the shards are read in `tokenize.workers` processes, not by this
+    one alone."""
     cfg = b.cfg
     banned: set[int] = set()
     for text in decontaminate.texts_from_files(cfg.evaluate.decontaminate_with, cfg.storage):
         banned |= decontaminate.ngram_hashes(text)
     heldout = b.identity["inputs"]["decontamination"]["heldout"]
-    scan = partial(scan_shard, cfg=cfg, heldout=heldout, tmp=tmp)
+    # Each shard in enough pieces that every worker gets PIECES_PER_WORKER: one shard whole per piece at scale.
+    cuts = max(1, -(-PIECES_PER_WORKER * cfg.tokenize.workers // max(1, len(shard_uris))))
+    scan = partial(scan_shard, cfg=cfg, heldout=heldout, tmp=tmp, cuts=cuts)
     workers = cfg.tokenize.workers if stored_bytes > SCAN_IN_PROCESSES_FROM else 1
     found = map_in_processes(scan, list(enumerate(shard_uris)), workers)
     with storage.atomic_write(b.out.path(VAL_DOCS), cfg.storage) as out:
@@ -185,20 +206,30 @@ def held_out_and_banned(b: Build, shard_uris: list[str], stored_bytes: int, coun
             with open(part, "rb") as f:
                 shutil.copyfileobj(f, out)
             part.unlink()
-    return banned
+    return banned, [piece for shard in found for piece in shard["pieces"]]
 
 
-def pieces(split: str, sources: list[str], val_docs: int, workers: int) -> list[Piece]:
-    """litdata's inputs, which it deals out to its workers in order: every training shard whole, the held-out
-    documents (one file) in one part per worker (whole, it would be one worker's alone)."""
-    if split == "train":
-        return [(index, 0, None) for index in range(len(sources))]
-    parts = max(1, min(workers, val_docs))
-    return [(0, k * val_docs // parts, (k + 1) * val_docs // parts) for k in range(parts)]
+def shares(split: str, pieces: list[tuple[Piece, int]], val_docs: int, workers: int) -> list[Share]:
+    """litdata's inputs, one per worker. Training: the pieces of the shards, dealt so that every worker gets about
+    as many bytes of text (the largest piece first, each to the lightest share). Held out: the documents (one
+    file) in one part per worker.
+
+    One input per worker, not one per shard: litdata deals inputs out in contiguous runs of equal count, which
+    left one worker 10% longer than the other on real documents, and its weighted mode shuffles each worker's
+    inputs with an unseeded permutation, which would make the shards differ from run to run."""
+    if split == "val":
+        parts = max(1, min(workers, val_docs))
+        return [((0, k * val_docs // parts, (k + 1) * val_docs // parts),) for k in range(parts)]
+    loads, dealt = [0] * workers, [[] for _ in range(workers)]
+    for piece, size in sorted(pieces, key=lambda p: (-p[1], p[0])):
+        lightest = min(range(workers), key=lambda w: (loads[w], w))
+        loads[lightest] += size
+        dealt[lightest].append(piece)
+    return [tuple(sorted(share)) for share in dealt if share]
 
 
 def write_split(b: Build, split: str, sources: list[str], tokenizer_path: str, banned: frozenset, tmp: str,
-                val_docs: int) -> dict:  # fmt: skip
+                inputs: list[Share]) -> dict:  # fmt: skip
     """Pass 2, one split: token shards through litdata; its pinned index."""
     from litdata import TokensLoader, optimize
 
@@ -209,7 +240,7 @@ def write_split(b: Build, split: str, sources: list[str], tokenizer_path: str, b
     storage.remove(split_uri, cfg.storage)
     optimize(
         fn=partial(
-            encode_shard,
+            encode_share,
             shard_uris=sources,
             split=split,
             tokenizer_path=tokenizer_path,
@@ -219,7 +250,7 @@ def write_split(b: Build, split: str, sources: list[str], tokenizer_path: str, b
             counts_dir=tmp,
             banned=banned,
         ),
-        inputs=pieces(split, sources, val_docs, tc.workers),
+        inputs=inputs,
         output_dir=split_uri if storage.is_remote(split_uri) else str(Path(split_uri)),
         chunk_bytes=tc.chunk_bytes,
         item_loader=TokensLoader(),
@@ -251,7 +282,7 @@ def build(b: Build) -> StageResult:
     files: list[str] = [VAL_DOCS]
     chunk_bytes = 0
     with tempfile.TemporaryDirectory() as tmp:
-        banned = held_out_and_banned(b, shard_uris, stored_bytes, counts, tmp)
+        banned, pieces = held_out_and_banned(b, shard_uris, stored_bytes, counts, tmp)
         tokenizer_path = str(Path(tmp) / TOKENIZER_FILE)
         with storage.open_uri(tokenizer.path(TOKENIZER_FILE), "rb", cfg.storage) as f:
             Path(tokenizer_path).write_bytes(f.read())
@@ -261,7 +292,8 @@ def build(b: Build) -> StageResult:
         for split in SPLITS:
             sources = shard_uris if split == "train" else [b.out.path(VAL_DOCS)]
             banned_here = frozenset(banned if split == "train" else ())
-            index = write_split(b, split, sources, tokenizer_path, banned_here, tmp, counts["docs"]["val"])
+            inputs = shares(split, pieces, counts["docs"]["val"], cfg.tokenize.workers)
+            index = write_split(b, split, sources, tokenizer_path, banned_here, tmp, inputs)
             counts["tokens"][split] = token_count(index)
             chunk_bytes += sum(chunk["chunk_bytes"] for chunk in index["chunks"])
             if split == "train":
