@@ -73,3 +73,22 @@ def test_command_prints_the_plan_and_fails_on_a_rejected_config(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "stages.tools.budget", "tiny", *sets], capture_output=True, text=True,
                          cwd=REPO)  # fmt: skip
     assert bad.returncode == 1 and "rejected: model.*/train.*" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "preset, vocab, micro_batches", [("llama-1m", 4096, (16, 32)), ("llama-10m", 32000, (4, 16))]
+)
+def test_memory_model_within_a_quarter_of_measured_peaks_on_cpu(preset, vocab, micro_batches):
+    """The planner's memory per device against a real process's training steps (the trainer's build_model,
+    fused AdamW and lm_loss; fp32, as the CPU computes), each in a fresh process: its peak resident memory's growth
+    once the runtime's own start is behind it (tests/rank_checks.py: memory)."""
+    import json
+
+    for micro in micro_batches:
+        overrides = {"model.preset": preset, "train.micro_batch_size": micro, "train.dtype": "float32", "vocab": vocab}
+        done = subprocess.run([sys.executable, "-m", "tests.rank_checks", "memory", json.dumps(overrides)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        found = json.loads(done.stdout.split("RESULT ", 1)[1])
+        planned, measured = found["planned"]["total"] / 2**20, found["grown_mb"]
+        assert planned == pytest.approx(measured, rel=0.25), (micro, planned, measured, found["planned"])

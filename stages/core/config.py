@@ -406,7 +406,11 @@ class MixtureConfig(Strict):
 
 
 class TrainConfig(Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda (NCCL, bf16) when available, else cpu (gloo)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda (NCCL) when available, else cpu (gloo)
+    # Compute dtype: bfloat16 is FSDP2's param_dtype (parameters gathered and computed in bf16, gradients reduced in
+    # fp32, weights and AdamW state kept in fp32) and autocast's for one process or DDP. auto: bfloat16 on CUDA,
+    # float32 on CPU, where bf16 matmuls are slower than fp32.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     nproc_per_node: int = Field(2, ge=1)
     nnodes: int = Field(1, ge=1)
     rdzv_endpoint: str | None = None  # host:port of the rendezvous when nnodes > 1

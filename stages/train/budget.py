@@ -11,13 +11,15 @@ What it states (stages/train/scaling.py for parameters, FLOPs and the step count
 - parameters, training FLOPs per token, token budget and where it comes from, steps, total FLOPs;
 - per hardware entry: wall time = total FLOPs / (peak x `budget.mfu` x GPUs) and cost = GPU-hours x price. Peaks
   and prices are the config's (data-sheet bf16 peaks; prices an assumption to set);
-- memory per GPU under FSDP (estimates, bf16 compute with fp32 master weights, as the trainer runs on CUDA):
+- memory per GPU under FSDP (estimates, compute in `train.dtype` with fp32 master weights):
   - state: 16 bytes per parameter (fp32 weights, gradients, Adam's two moments), sharded over the GPUs;
-  - gathered weights: bf16 copies of every block when `reshard_after_forward` is off, else of two blocks (the
-    one computing and the one prefetched);
-  - activations per micro-batch: 34 x seq x batch x dim bytes per layer (Korthikanti et al. 2022, without the
-    attention-score term that fused SDPA kernels never store), only each layer's 2-byte input with activation
-    checkpointing plus one layer recomputed; logits and their gradient, fp32: 8 x seq x batch x vocab;
+  - gathered weights: copies in the compute dtype of every block when `reshard_after_forward` is off, else of
+    two blocks (the one computing and the one prefetched);
+  - activations per micro-batch: what autograd keeps per token and block (`saved_per_token`: 8.5 dim + 3 kv
+    width + 4 ffn width elements, from the model's code; attention scores never stored, as fused SDPA kernels
+    and flex_attention keep none) in the compute dtype (`train.dtype`; auto plans bf16), only each block's
+    input with activation checkpointing plus one block recomputed; logits, fp32: 12 x seq x batch x vocab
+    (three copies at backward's start). Checked against measured peaks on CPU (tests/test_budget.py);
 - disk: token shards at 4 bytes per token (the tokenize stage's int32), for the dataset when it exists else for
   the token budget; checkpoints at 12 bytes per parameter (fp32 weights and Adam's moments) times those kept.
 """
@@ -46,21 +48,34 @@ def vocab_size(cfg: PipelineConfig) -> int:
     return cfg.tokenizer.vocab_size
 
 
+def saved_per_token(m) -> float:
+    """Elements autograd keeps per token in one block (stages/train/model.py), counted from its code and checked
+    with saved-tensor hooks: both norms' inputs and outputs (4h), q and k before and after the rotation and v
+    (2h + 3 h_kv), attention's output and the copy wo reads (2h), SwiGLU's w1 and w3 outputs, silu's output and
+    the product w2 reads (4f), and about 1.5h of small ones (the norms' scales, attention's log-sum-exp, the
+    rotation's tables)."""
+    kv = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
+    return 8.5 * m.dim + 3 * kv + 4 * scaling.ffn_hidden_dim(m)
+
+
 def memory_per_gpu(cfg: PipelineConfig, vocab: int, gpus: int) -> dict[str, float]:
     m, t = cfg.model, cfg.train
     params = scaling.count_params(m, vocab)
     per_layer = scaling.layer_params(m)
-    sbh = t.seq_len * t.micro_batch_size * m.dim
-    if t.activation_checkpointing:
-        activations = m.n_layers * 2 * sbh + 34 * sbh
+    width = 4 if t.dtype == "float32" else 2  # (auto plans for budget.hardware's GPUs: bf16)
+    tokens = t.seq_len * t.micro_batch_size
+    one_layer = tokens * saved_per_token(m) * width
+    if t.activation_checkpointing:  # each block's input kept, one block's activations recomputed at a time
+        activations = m.n_layers * tokens * m.dim * width + one_layer
     else:
-        activations = m.n_layers * 34 * sbh
-    gathered = 2 * (m.n_layers if not t.reshard_after_forward else min(2, m.n_layers)) * per_layer
+        activations = m.n_layers * one_layer
+    gathered = width * (m.n_layers if not t.reshard_after_forward else min(2, m.n_layers)) * per_layer
     parts = {
         "state": STATE_BYTES_PER_PARAM * params / gpus,
         "gathered weights": gathered if gpus > 1 else 0.0,
         "activations": activations,
-        "logits": 8 * t.seq_len * t.micro_batch_size * vocab,
+        # fp32 at backward's start: log-softmax's output (saved), its gradient and the logits' gradient
+        "logits": 3 * 4 * tokens * vocab,
     }
     return {**parts, "total": sum(parts.values())}
 

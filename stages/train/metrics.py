@@ -62,11 +62,24 @@ def emit(prefix: str, record: dict) -> None:
     print(prefix + json.dumps(record), flush=True)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set: Linux's VmHWM, which starts afresh at exec. (getrusage's ru_maxrss
+    survives exec: a process started by a bigger one reports its parent's peak until it outgrows it.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (elsewhere: KiB on Linux, bytes on macOS)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank: CUDA's allocator peak, or on CPU the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_rss_mb()
 
 
 def device_peak_flops(device: torch.device) -> float | None:

@@ -13,7 +13,8 @@ head of another. Given `doc_ids` (`document_ids`: a token's document within its 
 ends), a token attends only to earlier tokens of its own document and its rotary position counts from its
 document's first token, so each document is computed as if it stood alone. The mask is dense and boolean for SDPA
 on CPU (a (seq x seq) block-diagonal causal mask per row: cheap at CPU sequence lengths) and a flex_attention
-BlockMask on CUDA, whose kernel skips the tiles the mask empties instead of computing and discarding them.
+BlockMask on CUDA (on CPU too with `flex_attention_on_cpu`, as the tests run it: compiled, the same code), whose
+kernel skips the tiles the mask empties instead of computing and discarding them.
 """
 
 from __future__ import annotations
@@ -66,14 +67,9 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Compiled once per process, as torchtitan does: eager flex_attention is a slow reference implementation.
+    # Compiled once per process, as torchtitan does, on CUDA and on CPU alike (inductor has a CPU kernel for it):
+    # eager flex_attention is a slow reference implementation.
     return torch.compile(flex_attention, dynamic=False)
-
-
-def _eager_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return flex_attention
 
 
 def document_mask(doc_ids: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
@@ -147,8 +143,7 @@ class Attention(nn.Module):
         elif cache is None and isinstance(mask, torch.Tensor):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         elif cache is None:  # a flex_attention BlockMask
-            flex = _compiled_flex_attention() if q.is_cuda else _eager_flex_attention()
-            out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+            out = _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             start, end = cache.length, cache.length + seq
             cache.k[layer, :, :, start:end] = k
@@ -210,15 +205,26 @@ class Transformer(nn.Module):
         # Document masks as flex_attention BlockMasks on CPU too (on CUDA always): for tests, which compare the two.
         self.flex_attention_on_cpu = False
 
+    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic init (GPT-2 style: N(0, 0.02), residual projections scaled by depth)."""
+        """Deterministic init (GPT-2 style: N(0, 0.02), residual projections scaled by depth; norms at one), the same
+        values whether the parameters are whole or FSDP2 shards (DTensors) and on whatever device: each matrix is
+        drawn whole on the CPU from one generator, in the parameters' order, and a shard keeps its own rows, so a
+        rank holds one full matrix at a time besides its shards."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         gen = torch.Generator().manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm):
+                module.reset_parameters()  # (ones: also after materializing from the meta device)
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue
             std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-            with torch.no_grad():
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
+            full = (torch.randn(param.shape, generator=gen) * std).to(param.device, param.dtype)
+            if isinstance(param, DTensor):  # every rank drew the same matrix: each keeps its shard, no collective
+                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(full)
 
     def _rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (seq_len, str(device))

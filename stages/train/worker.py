@@ -2,10 +2,11 @@
 
 One file, torchtitan's shape at nanoGPT's size:
 - process group: NCCL on CUDA, gloo on CPU (`train.device`: auto | cpu | cuda); a 1-D device mesh;
-- model: `stages.train.model.Transformer` built with a fixed seed on every rank, optionally compiled and with activation
-  checkpointing per block, then (`data_parallel: fsdp`) FSDP2 `fully_shard` on each block and on the root (bf16
-  parameters with fp32 gradient reduction on CUDA, fp32 on CPU) or (`ddp`) DistributedDataParallel, whose
-  bucketed all-reduce overlaps backward and beats per-block gathers when the model fits one device;
+- model: `stages.train.model.Transformer`, optionally compiled and with activation checkpointing per block, then
+  (`data_parallel: fsdp`) built on the meta device, FSDP2 `fully_shard` on each block and on the root, materialized
+  and initialized shard by shard from a fixed seed (`train.dtype` bf16: bf16 parameters in compute with fp32
+  gradient reduction), or (`ddp`) DistributedDataParallel, whose bucketed all-reduce overlaps backward and beats
+  per-block gathers when the model fits one device (autocast to `train.dtype`, as for one process);
 - data: stages/train/loader.py, litdata's StreamingDataLoader over `{root}/tokens/train` in blocks of seq_len + 1
   tokens, split per rank by litdata, reshuffled every epoch; epochs repeat until the run's last step. Or
   (`train.mixture`) several such datasets drawn from by weight block by block (stages/train/mixture.py), with tokens
@@ -148,32 +149,43 @@ def make_deterministic(seed: int, device: torch.device) -> None:
 # model and optimizer
 
 
-def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device, mesh) -> Transformer:
-    # Every rank builds the same full model from the same seed, then keeps only its shard. Fine at the sizes this
-    # pipeline trains on CPU; a multi-billion model would be built on the meta device instead.
+def compute_dtype(cfg: PipelineConfig, device: torch.device) -> torch.dtype:
+    """`train.dtype` resolved: auto is bfloat16 on CUDA, float32 elsewhere."""
+    name = cfg.train.dtype if cfg.train.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    return getattr(torch, name)
+
+
+def build_model(cfg: PipelineConfig, vocab_size: int, device: torch.device, mesh) -> torch.nn.Module:
+    """The model on `device`, initialized from `train.seed` (the same values however it is sharded).
+
+    With FSDP, torchtitan's order: built on the meta device (no memory), sharded, materialized (`to_empty`: each
+    rank allocates its shards only), then initialized shard by shard, so a rank never holds more than its shards
+    and one full matrix (Transformer.init_weights), and a model larger than one device can start. One process and
+    DDP hold the whole model anyway: built on the device directly.
+    """
     t = cfg.train
-    model = Transformer(cfg.model, vocab_size)
-    model.init_weights(t.seed)
-    model.to(device)
+    sharded = mesh.size() > 1 and t.data_parallel == "fsdp"
+    with torch.device("meta" if sharded else device):
+        model = Transformer(cfg.model, vocab_size)
     model.checkpoint_activations = t.activation_checkpointing
     if t.compile:
         for block in model.layers:
             block.compile()  # in place: parameter names, and so checkpoints, stay the same
-    if mesh.size() == 1:
-        # One process has nothing to shard: FSDP would only add its hooks and copies. bf16 autocast on CUDA
-        # stands in for its mixed-precision policy (see lm_loss); DCP checkpoints load either way.
+    if sharded:
+        dtype = compute_dtype(cfg, device)
+        # bf16: gathered parameters in bf16, gradients reduced in fp32; fp32: no casts at all.
+        low = dtype != torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
+        for module in [*model.layers, model]:
+            fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
+        model.to_empty(device=device)
+    model.init_weights(t.seed)
+    if mesh.size() == 1 or sharded:
+        # One process has nothing to shard: FSDP would only add its hooks and copies; autocast stands in for its
+        # mixed-precision policy (lm_loss). DCP checkpoints load either way.
         return model
-    if t.data_parallel == "ddp":
-        # bf16 autocast on CUDA as for one process; gradients are reduced in fp32 buckets.
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        mp = MixedPrecisionPolicy()  # fp32 on CPU
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
-    return model
+    # DDP: autocast as for one process; gradients are reduced in fp32 buckets.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -248,15 +260,20 @@ class DivergenceGuard:
 
 
 def lm_loss(
-    model: torch.nn.Module, batch: torch.Tensor, device: torch.device, eos_id: int | None = None
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    device: torch.device,
+    eos_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Mean next-token loss of a batch of blocks; with `eos_id`, each document in a block is computed apart."""
+    """Mean next-token loss of a batch of blocks; with `eos_id`, each document in a block is computed apart; in
+    `dtype` (compute_dtype) on any device: FSDP's mixed-precision policy casts a sharded model, and one process or
+    DDP autocasts."""
     batch = batch.to(device, dtype=torch.long, non_blocking=True)
     inputs, targets = batch[:, :-1], batch[:, 1:]
     doc_ids = document_ids(inputs, eos_id) if eos_id is not None else None
-    # bf16 on CUDA: FSDP's mixed-precision policy casts sharded models; a single unsharded process autocasts.
-    autocast = device.type == "cuda" and not isinstance(model, FSDPModule)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    autocast = dtype != torch.float32 and not isinstance(model, FSDPModule)
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
         logits = model(inputs, doc_ids=doc_ids)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
@@ -269,21 +286,26 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, eos_id: int | None = None
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    eos_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> float | None:
     if not batches:
         return None
     model.eval()
     total = 0.0
     for batch in batches:
-        total += lm_loss(model, batch, device, eos_id).item()
+        total += lm_loss(model, batch, device, eos_id, dtype).item()
     model.train()
     return mean_over_ranks(total / len(batches), device)
 
 
-def evaluate_sets(model, sets, device: torch.device, eos_id: int | None) -> tuple[float | None, dict | None]:
+def evaluate_sets(model, sets, device: torch.device, eos_id: int | None,
+                  dtype: torch.dtype) -> tuple[float | None, dict | None]:  # fmt: skip
     """The validation loss (over a mixture: the weighted mean of its sources') and, for a mixture, each source's."""
-    losses = {name: (weight, evaluate(model, batches, device, eos_id)) for name, weight, batches in sets}
+    losses = {name: (weight, evaluate(model, batches, device, eos_id, dtype)) for name, weight, batches in sets}
     scored = [(w, loss) for w, loss in losses.values() if loss is not None]
     mean = sum(w * loss for w, loss in scored) / sum(w for w, _ in scored) if scored else None
     by_source = {name: round(loss, 6) for name, (_, loss) in losses.items() if name and loss is not None}
@@ -337,6 +359,7 @@ class Trainer:
         self.max_steps, budget_source = scaling.planned_steps(cfg.model, t, self.vocab_size)
         self.flops_per_token = scaling.flops_per_token(cfg.model, self.vocab_size, t.seq_len)
         self.peak = device_peak_flops(self.device)
+        self.dtype = compute_dtype(cfg, self.device)
         self.model = build_model(cfg, self.vocab_size, self.device, mesh)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.optimizer = build_optimizer(self.model, cfg)
@@ -345,7 +368,8 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, run, self.device, loader_lib.index_digest(cfg, "train"))
         self.tokens_per_step = t.global_batch() * t.seq_len
         log(
-            f"world={self.world} device={self.device.type} backend={dist.get_backend()}; model {self.n_params:,} "
+            f"world={self.world} device={self.device.type} backend={dist.get_backend()} dtype={self.t.dtype} "
+            f"({str(self.dtype).removeprefix('torch.')}); model {self.n_params:,} "
             f"parameters ({scaling.model_shape(cfg.model)}), vocab {self.vocab_size}, {self.flops_per_token:,} "
             f"FLOPs/token; {self.max_steps} steps ({budget_source}) of {t.global_batch()} sequences = "
             f"{self.tokens_per_step:,} tokens ({self.accum} micro-batches of {t.micro_batch_size} per rank)"
@@ -392,7 +416,7 @@ class Trainer:
             if self.data_exhausted:  # the step reached is the run's last: its checkpoint says why
                 if self.step == 0:
                     raise RuntimeError(f"{self.data_exhausted} before the first step")
-                self.val_loss = evaluate_sets(self.model, self.val_sets, self.device, self.eos_id)[0]
+                self.val_loss = evaluate_sets(self.model, self.val_sets, self.device, self.eos_id, self.dtype)[0]
                 self.save_checkpoint(self.val_loss, final=True)
             self.checkpointer.wait()
         except TrainingDiverged:
@@ -402,7 +426,7 @@ class Trainer:
             if self.metrics:
                 self.metrics.close()
         if self.start_step >= self.max_steps:  # nothing left to do: report what the checkpoint holds
-            self.val_loss = evaluate_sets(self.model, self.val_sets, self.device, self.eos_id)[0]
+            self.val_loss = evaluate_sets(self.model, self.val_sets, self.device, self.eos_id, self.dtype)[0]
         summary = self.summary(self.checkpointer.last_complete)
         if self.rank == 0:
             emit(SUMMARY_PREFIX, summary)
@@ -420,7 +444,7 @@ class Trainer:
                 self.data_exhausted = str(exc)
                 return None
             with gradient_sync(self.model, micro == self.accum - 1):
-                loss = lm_loss(self.model, batch, self.device, self.eos_id) / self.accum
+                loss = lm_loss(self.model, batch, self.device, self.eos_id, self.dtype) / self.accum
                 loss.backward()
             loss_sum += loss.detach()
         return loss_sum
@@ -450,7 +474,8 @@ class Trainer:
         self.final_loss = loss_value
         val_now = val_by_source = None
         if self.step % self.t.val_every == 0 or self.step == self.max_steps:
-            self.val_loss, val_by_source = evaluate_sets(self.model, self.val_sets, self.device, self.eos_id)
+            found = evaluate_sets(self.model, self.val_sets, self.device, self.eos_id, self.dtype)
+            self.val_loss, val_by_source = found
             val_now = self.val_loss
         if self.rank == 0:
             self.record(lr, loss_value, grad_norm, dt, val_now, val_by_source)
