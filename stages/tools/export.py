@@ -29,35 +29,15 @@ from stages.core.config import ModelConfig, StorageConfig
 from stages.evaluate.lm import EOS_TOKEN, load_model, load_tokenizer
 from stages.train.checkpoints import META
 from stages.train.model import Transformer
+from stages.train.pretrained import interleaved_to_halves, names
 from stages.train.scaling import ffn_hidden_dim
 
 
-def interleaved_to_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q or k projection reordered per head from (x0, x1, x2, ...) pairs to (x0, x2, ..., x1, x3, ...)."""
-    out_dim, in_dim = weight.shape
-    head_dim = out_dim // n_heads
-    return weight.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    cfg = model.cfg
-    n_kv = cfg.n_kv_heads or cfg.n_heads
-    sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["output.weight"]
-    for i in range(cfg.n_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        out[dst + "self_attn.q_proj.weight"] = interleaved_to_halves(sd[src + "attention.wq.weight"], cfg.n_heads)
-        out[dst + "self_attn.k_proj.weight"] = interleaved_to_halves(sd[src + "attention.wk.weight"], n_kv)
-        out[dst + "self_attn.v_proj.weight"] = sd[src + "attention.wv.weight"]
-        out[dst + "self_attn.o_proj.weight"] = sd[src + "attention.wo.weight"]
-        out[dst + "mlp.gate_proj.weight"] = sd[src + "feed_forward.w1.weight"]
-        out[dst + "mlp.up_proj.weight"] = sd[src + "feed_forward.w3.weight"]
-        out[dst + "mlp.down_proj.weight"] = sd[src + "feed_forward.w2.weight"]
-        out[dst + "input_layernorm.weight"] = sd[src + "attention_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = sd[src + "ffn_norm.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
+    """The model's tensors under transformers' names (stages/train/pretrained.py's table), q and k permuted."""
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    return {theirs: (interleaved_to_halves(sd[ours], heads) if heads else sd[ours]).contiguous()
+            for ours, theirs, heads in names(model.cfg)}  # fmt: skip
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, max_positions: int, eos_id: int):

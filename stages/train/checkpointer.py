@@ -14,15 +14,18 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from stages.core import storage
 from stages.core.config import PipelineConfig
 from stages.train import loader as loader_lib
+from stages.train import pretrained
 from stages.train.checkpoints import META, complete_checkpoints, dcp_reader, dcp_writer, step_uri
 from stages.train.mixture import Mixture
 from stages.train.protocol import log
@@ -154,7 +157,17 @@ class Checkpointer:
         return {"step": int(state["train"]["step"]), "tokens_seen": int(state["train"]["tokens_seen"])}
 
     def load_weights(self, uri: str, model) -> None:
-        """Only the model's weights (continued pretraining from another run's checkpoint)."""
+        """Only the model's weights (continued pretraining): from another run's checkpoint, or from a Hugging Face
+        Llama directory (stages/train/pretrained.py), which every rank reads whole and keeps its shard of."""
+        if pretrained.is_model_directory(uri, self.cfg.storage):
+            theirs, vocab = pretrained.read_model_config(uri, self.cfg.storage)
+            ours = model.module if isinstance(model, DistributedDataParallel) else model
+            if vocab != ours.vocab_size:
+                raise ValueError(f"train.initial_checkpoint {uri}: its vocabulary is {vocab}, the run's tokenizer "
+                                 f"has {ours.vocab_size} (tokenizer.path: the model's own tokenizer)")  # fmt: skip
+            weights = pretrained.state_dict(uri, theirs, self.cfg.storage)
+            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+            return
         if not storage.exists(storage.join(uri, META), self.cfg.storage):
             raise FileNotFoundError(f"train.initial_checkpoint {uri}: no {META}, not a complete checkpoint")
         model_sd = get_model_state_dict(model)

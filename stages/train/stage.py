@@ -34,10 +34,10 @@ from collections.abc import Callable
 from typing import Any
 
 from stages.core import storage
-from stages.core.config import REPO_ROOT, PipelineConfig
+from stages.core.config import REPO_ROOT, ConfigError, PipelineConfig
 from stages.core.stage import Artifact, Force, OnProgress, Stage, Status, forced_now, mark_forced
 from stages.core.storage import StageOutput
-from stages.train import checkpoints, report, scaling
+from stages.train import checkpoints, pretrained, report, scaling
 from stages.train.checkpoints import final_checkpoint
 from stages.train.data import check_mixture, data_digest, mixture_sources, tokenizer_vocab_size
 from stages.train.protocol import LAUNCHER_PID_ENV, METRIC_PREFIX, SUMMARY_PREFIX, parse
@@ -74,6 +74,12 @@ def check(cfg: PipelineConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ValueError("train.device: cuda requested but no CUDA device is available")
+    start = cfg.train.initial_checkpoint
+    if start and pretrained.is_model_directory(start, cfg.storage):  # (unsupported models are refused here too)
+        found = pretrained.mismatches(cfg.model, start, cfg.storage)
+        if found:
+            differ = "; ".join(found)
+            raise ConfigError(f"train.initial_checkpoint {start}: the model section is not its model: {differ}")
 
 
 class TrainStage(Stage):
@@ -86,6 +92,9 @@ class TrainStage(Stage):
     def identity(self, cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> dict:
         cfg = resolved(cfg, upstream)
         inputs = {"data": data_digest(cfg)}
+        start = cfg.train.initial_checkpoint
+        if start and pretrained.is_model_directory(start, cfg.storage):  # (the base model's files, for lineage too)
+            inputs["base_model"] = {"uri": start, "files": pretrained.fingerprints(start, cfg.storage)}
         if cfg.train.mixture:
             inputs["mixture"] = [data_digest(cfg, uri, field) for field, uri in mixture_sources(cfg)]
         return {"code": self.code_version(), "config": cfg.section_digest(*self.sections), "inputs": inputs}
@@ -214,6 +223,7 @@ def run_training(
     started = time.time()
     data_digest(cfg)  # no data: fail here, not after torchrun has started every rank
     check_mixture(cfg)
+    check(cfg)  # (preflight's checks: a run started without the flow fails as early)
     cfg = resolved(cfg, {})
     identity = STAGE.identity(cfg, {})
     run = STAGE.output(cfg, {}, identity).uri
