@@ -116,3 +116,34 @@ def test_training_starts_from_a_hugging_face_directory_on_two_ranks(tmp_path):
     wrong.model.n_layers = 3
     with pytest.raises(ConfigError, match=r"model\.n_layers: 3 here, 2 in its config\.json"):
         run_training(wrong)
+
+
+def test_model_from_pretrained_makes_the_model_section_the_weights_and_the_tokenizer_the_directorys(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.core.config import load_config
+
+    _, folder = llama(tmp_path, tie_word_embeddings=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_bpe(), eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    cfg = load_config("tiny", {"model.from_pretrained": folder, "storage.root": str(tmp_path / "out")})
+    shape, vocab = pretrained.read_model_config(folder)
+    assert cfg.model.model_dump(exclude={"from_pretrained"}) == shape.model_dump(exclude={"from_pretrained"})
+    assert (cfg.model.dim, cfg.model.n_kv_heads, cfg.model.ffn_hidden_dim, cfg.model.rope_theta) == (64, 2, 160, 5e5)
+    assert cfg.tokenizer.path == folder and cfg.tokenizer.eos_token == "</s>" and cfg.train.initial_checkpoint == folder
+    with pytest.raises(ConfigError, match=rf"model\.n_layers: 3 here, 2 in {folder}/config\.json"):
+        load_config("tiny", {"model.from_pretrained": folder, "model.n_layers": 3})
+    with pytest.raises(ConfigError, match="model.preset and model.from_pretrained: give one"):
+        load_config("tiny", {"model.from_pretrained": folder, "model.preset": "llama-1m"})
+    with pytest.raises(ConfigError, match="not a Hugging Face model directory"):
+        load_config("tiny", {"model.from_pretrained": str(tmp_path)})
+
+
+def _bpe():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"])
+    tok.train_from_iterator(["a small text to train on"] * 10, trainer)
+    return tok

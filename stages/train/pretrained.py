@@ -1,16 +1,13 @@
-"""A Hugging Face Llama-family model directory as this pipeline's model: where continued pretraining starts.
+"""A Hugging Face Llama-family model directory's weights as this pipeline's model: where continued pretraining
+starts.
 
-A `LlamaForCausalLM` directory (Llama 2 and 3, TinyLlama, SmolLM and the like; local or on S3, read offline
-through stages.core.storage): its config.json becomes a `ModelConfig` and a vocabulary size (`model_config`), its
-safetensors (one file, or shards with their index) our parameters (`state_dict`). This is stages/tools/export.py
-backwards, through the one table of names both use (`names`), with the one real conversion undone: transformers
-rotates the halves of each head (dims i and i + head_dim/2), we rotate interleaved pairs (2i, 2i+1), so the rows
-of q_proj and k_proj are permuted back per head.
-
-What the model cannot represent exactly is refused before any work, naming the field of config.json: another
-architecture, biases, an activation other than SiLU, any RoPE scaling (Llama 3.1's `llama3`, YaRN, linear: our
-rotary tables have none), a head_dim other than hidden_size / heads, pretraining_tp above 1, and weights other
-than the ones the table names.
+A `LlamaForCausalLM` directory (Llama 2 and 3, TinyLlama, SmolLM and the like; local or on S3, read offline through
+stages.core.storage): its config.json is read by stages/core/model_directory.py (which refuses what the model
+cannot compute), its safetensors (one file, or shards with their index) become our parameters (`state_dict`). This
+is stages/tools/export.py backwards, through the one table of names both use (`names`), with the one real
+conversion undone: transformers rotates the halves of each head (dims i and i + head_dim/2), we rotate interleaved
+pairs (2i, 2i+1), so the rows of q_proj and k_proj are permuted back per head. Weights other than the ones the
+table names are refused.
 """
 
 from __future__ import annotations
@@ -19,59 +16,14 @@ from typing import TYPE_CHECKING
 
 from stages.core import storage
 from stages.core.config import ConfigError, ModelConfig, StorageConfig
+from stages.core.model_directory import CONFIG, read_model_config
 from stages.train.checkpoints import META
 from stages.train.scaling import ffn_hidden_dim
 
 if TYPE_CHECKING:  # (torch only where tensors are: the launcher that checks a config never imports it)
     import torch
 
-ARCHITECTURE = "LlamaForCausalLM"
-CONFIG = "config.json"
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
-
-
-def _refuse(where: str, field: str, why: str) -> ConfigError:
-    return ConfigError(f"{where}/{CONFIG}: {field}: {why}; only {ARCHITECTURE} as this pipeline's model computes it")
-
-
-def rope(hf: dict) -> tuple[float, str]:
-    """(theta, scaling type) from either transformers' layout: `rope_theta` and `rope_scaling` (4.x, most published
-    models), or `rope_parameters` (5.x)."""
-    parameters = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = scaling.get("rope_type") or scaling.get("type") or parameters.get("rope_type") or "default"
-    return float(hf.get("rope_theta") or parameters.get("rope_theta") or 10000.0), kind
-
-
-def model_config(hf: dict, where: str) -> tuple[ModelConfig, int]:
-    """The model section and vocabulary size a config.json describes, or ConfigError naming what we cannot run."""
-    architectures = hf.get("architectures") or ([ARCHITECTURE] if hf.get("model_type") == "llama" else [])
-    if architectures != [ARCHITECTURE]:
-        raise _refuse(where, "architectures", f"{architectures or hf.get('model_type')!r} is another network")
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):
-            raise _refuse(where, field, "biases are not part of the model")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise _refuse(where, "hidden_act", f"{hf['hidden_act']!r}: the feed-forward is SwiGLU (silu)")
-    theta, kind = rope(hf)
-    if kind != "default":
-        raise _refuse(where, "rope_scaling", f"{kind!r} scaling is not supported (plain rotary positions only)")
-    heads, dim = hf["num_attention_heads"], hf["hidden_size"]
-    if hf.get("head_dim") not in (None, dim // heads):
-        raise _refuse(where, "head_dim", f"{hf['head_dim']} is not hidden_size / num_attention_heads ({dim // heads})")
-    if hf.get("pretraining_tp", 1) != 1:
-        raise _refuse(where, "pretraining_tp", f"{hf['pretraining_tp']}: sliced projections are not supported")
-    cfg = ModelConfig(
-        dim=dim,
-        n_layers=hf["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads,
-        ffn_hidden_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=theta,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # (LlamaConfig's default)
-    )
-    return cfg, int(hf["vocab_size"])
 
 
 def is_model_directory(uri: str, storage_cfg: StorageConfig | None = None) -> bool:
@@ -85,7 +37,7 @@ def mismatches(cfg: ModelConfig, folder: str, storage_cfg: StorageConfig | None 
     """How the model section differs from the directory's model, field by field (empty: it is that model)."""
     theirs, _ = read_model_config(folder, storage_cfg)
     ours = cfg.model_copy(update={"ffn_hidden_dim": ffn_hidden_dim(cfg), "n_kv_heads": cfg.n_kv_heads or cfg.n_heads})
-    fields = [f for f in ModelConfig.model_fields if f not in ("preset", "ffn_multiple_of")]
+    fields = [f for f in ModelConfig.model_fields if f not in ("preset", "from_pretrained", "ffn_multiple_of")]
     return [f"model.{f}: {getattr(ours, f)!r} here, {getattr(theirs, f)!r} in its {CONFIG}" for f in fields
             if getattr(ours, f) != getattr(theirs, f)]  # fmt: skip
 
@@ -97,13 +49,6 @@ def fingerprints(folder: str, storage_cfg: StorageConfig | None = None) -> dict[
     files = [CONFIG] + (sorted(set(storage.read_json(index, storage_cfg)["weight_map"].values())) + [INDEX]
                         if storage.exists(index, storage_cfg) else [WEIGHTS])  # fmt: skip
     return {name: storage.raw_fingerprint(storage.join(folder, name), storage_cfg) for name in files}
-
-
-def read_model_config(folder: str, storage_cfg: StorageConfig | None = None) -> tuple[ModelConfig, int]:
-    uri = storage.join(folder, CONFIG)
-    if not storage.exists(uri, storage_cfg):
-        raise ConfigError(f"{folder}: no {CONFIG}: not a Hugging Face model directory")
-    return model_config(storage.read_json(uri, storage_cfg), folder)
 
 
 def names(cfg: ModelConfig) -> list[tuple[str, str, int | None]]:
