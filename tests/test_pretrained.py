@@ -93,8 +93,8 @@ def test_unknown_weights_and_missing_files_are_refused(tmp_path):
 
 def test_training_starts_from_a_hugging_face_directory_on_two_ranks(tmp_path):
     """train.initial_checkpoint names the directory: each rank loads its shard of the base model's weights (FSDP2)
-    and the run's identity records the base model's files. With a learning rate of 1e-12 the first step's
-    checkpoint is the base model itself: exported, its tensors equal the directory's."""
+    and the run's identity (and so lineage) records the base model's files. With a learning rate of 1e-12 the first
+    step's checkpoint is the base model itself: exported, its tensors equal the directory's."""
     from stages.evaluate import lm as harness
     from stages.train.stage import STAGE, run_training
     from tests import test_train
@@ -108,6 +108,12 @@ def test_training_starts_from_a_hugging_face_directory_on_two_ranks(tmp_path):
                               initial_checkpoint=folder)  # fmt: skip
     assert STAGE.identity(cfg, {})["inputs"]["base_model"]["files"].keys() == {"config.json", "model.safetensors"}
     ckpt = run_training(cfg, on_line=lambda _: None)["checkpoint"]
+    from stages.tools import lineage
+
+    tree = lineage.lineage(ckpt)  # (the checkpoint names the base model and its files' fingerprints)
+    assert tree["base_model"]["uri"] == folder
+    assert set(tree["base_model"]["files"]) == {"config.json", "model.safetensors"}
+    assert any(line.strip().startswith(f"base model: {folder}") for line in lineage.render(tree))
     back = export.hf_state_dict(harness.load_model(ckpt, json.loads(open(f"{ckpt}/meta.json").read())))
     original = theirs.state_dict()
     assert all((back[k] - original[k]).abs().max().item() < 1e-6 for k in back), "the base model's weights"

@@ -140,6 +140,8 @@ def lineage(uri: str, cfg: StorageConfig | None = None) -> dict:
         "data": record.get("data_uri"),
         "inputs": [],
     }
+    if identity.get("inputs", {}).get("base_model"):  # (a run started from a Hugging Face model directory)
+        node["base_model"] = identity["inputs"]["base_model"]
     data = identity.get("inputs", {}).get("data") or identity.get("data")  # (a checkpoint made before issue 18)
     if data in index:
         node["inputs"].append(_node_of_manifest(index[data], index))
@@ -154,6 +156,9 @@ def render(node: dict, depth: int = 0) -> list[str]:
     lines = [f"{'  ' * depth}{node['kind']}: {node['uri']}" + (f"  ({', '.join(details)})" if details else "")]
     for raw, fingerprint in (node.get("raw_inputs") or {}).items():
         lines.append(f"{'  ' * (depth + 1)}raw: {raw}  ({json.dumps(fingerprint, sort_keys=True)})")
+    if node.get("base_model"):
+        files = ", ".join(f"{name} {stamp}" for name, stamp in sorted(node["base_model"]["files"].items()))
+        lines.append(f"{'  ' * (depth + 1)}base model: {node['base_model']['uri']}  ({files})")
     for child in node["inputs"]:
         lines += render(child, depth + 1)
     return lines
