@@ -688,44 +688,6 @@ def _merge_model_preset(data: dict, path: Path, overridden: dict[str, Any]) -> N
     data["model"] = {**base, **model}
 
 
-def _merge_pretrained(data: dict, path: Path, overridden: dict[str, Any]) -> None:
-    """`model.from_pretrained: DIR` makes the model section DIR's config.json's, and DIR the run's initial weights
-    and tokenizer unless those are given. Fields given beside it must agree with the directory; when it is chosen
-    by override, only the fields the overrides name too are compared (the file's model is another model's)."""
-    from stages.core import model_directory
-
-    model = data.get("model")
-    if not isinstance(model, dict) or not model.get("from_pretrained"):
-        return
-    if model.get("preset"):
-        raise ConfigError(f"{path}: model.preset and model.from_pretrained: give one (the directory has a shape)")
-    folder = str(model["from_pretrained"])
-    folder = folder if "://" in folder or Path(folder).is_absolute() else str(REPO_ROOT / folder)
-    try:
-        storage_cfg = StorageConfig.model_validate(data.get("storage") or {})
-    except ValidationError:
-        return  # (the whole config's validation names the storage fields)
-    derived, _ = model_directory.read_model_config(folder, storage_cfg)
-    given = {k: v for k, v in model.items() if k != "from_pretrained"}
-    if overridden.get("model.from_pretrained"):
-        given = {k: v for k, v in given.items() if f"model.{k}" in overridden}
-    merged = ModelConfig.model_validate({**derived.model_dump(exclude={"preset", "from_pretrained"}), **given})
-    differ = [f"model.{k}: {getattr(merged, k)!r} here, {getattr(derived, k)!r} in {folder}/{model_directory.CONFIG}"
-              for k in given if getattr(merged, k) != getattr(derived, k)]  # fmt: skip
-    if differ:
-        raise ConfigError(f"{path}: " + "; ".join(differ) + " (a pretrained model's shape is its own)")
-    data["model"] = {**derived.model_dump(exclude={"preset", "from_pretrained"}), "from_pretrained": folder}
-    tokenizer = data.setdefault("tokenizer", {})
-    if not tokenizer.get("path") or overridden.get("model.from_pretrained") and "tokenizer.path" not in overridden:
-        tokenizer["path"] = folder
-        eos = model_directory.eos_token(folder, storage_cfg)
-        if eos and "tokenizer.eos_token" not in overridden:
-            tokenizer["eos_token"] = eos
-    train = data.setdefault("train", {})
-    if not train.get("initial_checkpoint"):
-        train["initial_checkpoint"] = folder
-
-
 def _check_local_root(cfg: PipelineConfig, path: Path) -> None:
     """A local storage.root must be a folder or not exist yet: a file there (or above it) would fail mid-run."""
     root = cfg.storage.root
@@ -748,7 +710,9 @@ def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | list[st
     for dotted, value in parsed.items():
         _apply_override(data, dotted, value, f"{path} (override)")
     _merge_model_preset(data, path, parsed)
-    _merge_pretrained(data, path, parsed)
+    from stages.core import model_directory  # (it reads the model directory through storage, which imports this)
+
+    model_directory.merge(data, path, parsed)
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:

@@ -12,8 +12,14 @@ hidden_size / heads, pretraining_tp above 1.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from stages.core import storage
 from stages.core.presets import ConfigError
+
+if TYPE_CHECKING:  # (config.py imports this module: its classes are imported where they are used)
+    from stages.core.config import ModelConfig, StorageConfig
 
 ARCHITECTURE = "LlamaForCausalLM"
 CONFIG = "config.json"
@@ -32,9 +38,9 @@ def rope(hf: dict) -> tuple[float, str]:
     return float(hf.get("rope_theta") or parameters.get("rope_theta") or 10000.0), kind
 
 
-def model_config(hf: dict, where: str):
+def model_config(hf: dict, where: str) -> tuple[ModelConfig, int]:
     """(ModelConfig, vocabulary size) a config.json describes, or ConfigError naming what we cannot run."""
-    from stages.core.config import ModelConfig  # (config.py imports this module)
+    from stages.core.config import ModelConfig
 
     architectures = hf.get("architectures") or ([ARCHITECTURE] if hf.get("model_type") == "llama" else [])
     if architectures != [ARCHITECTURE]:
@@ -65,16 +71,61 @@ def model_config(hf: dict, where: str):
     return cfg, int(hf["vocab_size"])
 
 
-def read_model_config(folder: str, storage_cfg=None):
+def read_model_config(folder: str, storage_cfg: StorageConfig | None = None) -> tuple[ModelConfig, int]:
+    """The directory's model section and vocabulary size (model_config), or ConfigError."""
     uri = storage.join(folder, CONFIG)
     if not storage.exists(uri, storage_cfg):
         raise ConfigError(f"{folder}: no {CONFIG}: not a Hugging Face model directory")
     return model_config(storage.read_json(uri, storage_cfg), folder)
 
 
+def differences(ours: ModelConfig, theirs: ModelConfig, fields, where: str) -> list[str]:
+    """`model.<field>: ours here, theirs in <where>` for each of `fields` on which the two sections differ."""
+    return [f"model.{f}: {getattr(ours, f)!r} here, {getattr(theirs, f)!r} in {where}" for f in fields
+            if getattr(ours, f) != getattr(theirs, f)]  # fmt: skip
 
 
-def eos_token(folder: str, storage_cfg=None) -> str | None:
+def merge(data: dict, path: Path, overridden: dict[str, Any]) -> None:
+    """`model.from_pretrained: DIR` in a config being loaded (stages/core/config.py: load_config) makes the model
+    section DIR's config.json's, and DIR the run's initial weights and tokenizer unless those are given. Fields
+    given beside it must agree with the directory; when it is chosen by override, only the fields the overrides
+    name too are compared (the file's model is another model's)."""
+    from pydantic import ValidationError
+
+    from stages.core.config import REPO_ROOT, ModelConfig, StorageConfig
+
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("from_pretrained"):
+        return
+    if model.get("preset"):
+        raise ConfigError(f"{path}: model.preset and model.from_pretrained: give one (the directory has a shape)")
+    folder = str(model["from_pretrained"])
+    folder = folder if "://" in folder or Path(folder).is_absolute() else str(REPO_ROOT / folder)
+    try:
+        storage_cfg = StorageConfig.model_validate(data.get("storage") or {})
+    except ValidationError:
+        return  # (the whole config's validation names the storage fields)
+    derived, _ = read_model_config(folder, storage_cfg)
+    given = {k: v for k, v in model.items() if k != "from_pretrained"}
+    if overridden.get("model.from_pretrained"):
+        given = {k: v for k, v in given.items() if f"model.{k}" in overridden}
+    shape = derived.model_dump(exclude={"preset", "from_pretrained"})
+    differ = differences(ModelConfig.model_validate({**shape, **given}), derived, given, f"{folder}/{CONFIG}")
+    if differ:
+        raise ConfigError(f"{path}: " + "; ".join(differ) + " (a pretrained model's shape is its own)")
+    data["model"] = {**shape, "from_pretrained": folder}
+    tokenizer = data.setdefault("tokenizer", {})
+    if not tokenizer.get("path") or overridden.get("model.from_pretrained") and "tokenizer.path" not in overridden:
+        tokenizer["path"] = folder
+        eos = eos_token(folder, storage_cfg)
+        if eos and "tokenizer.eos_token" not in overridden:
+            tokenizer["eos_token"] = eos
+    train = data.setdefault("train", {})
+    if not train.get("initial_checkpoint"):
+        train["initial_checkpoint"] = folder
+
+
+def eos_token(folder: str, storage_cfg: StorageConfig | None = None) -> str | None:
     """The directory's end-of-text token, from its tokenizer_config.json (a string or an AddedToken mapping)."""
     uri = storage.join(folder, "tokenizer_config.json")
     if not storage.exists(uri, storage_cfg):

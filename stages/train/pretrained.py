@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from stages.core import storage
 from stages.core.config import ConfigError, ModelConfig, StorageConfig
-from stages.core.model_directory import CONFIG, read_model_config
+from stages.core.model_directory import CONFIG, differences, read_model_config
 from stages.train.checkpoints import META
 from stages.train.scaling import ffn_hidden_dim
 
@@ -38,8 +38,7 @@ def mismatches(cfg: ModelConfig, folder: str, storage_cfg: StorageConfig | None 
     theirs, _ = read_model_config(folder, storage_cfg)
     ours = cfg.model_copy(update={"ffn_hidden_dim": ffn_hidden_dim(cfg), "n_kv_heads": cfg.n_kv_heads or cfg.n_heads})
     fields = [f for f in ModelConfig.model_fields if f not in ("preset", "from_pretrained", "ffn_multiple_of")]
-    return [f"model.{f}: {getattr(ours, f)!r} here, {getattr(theirs, f)!r} in its {CONFIG}" for f in fields
-            if getattr(ours, f) != getattr(theirs, f)]  # fmt: skip
+    return differences(ours, theirs, fields, f"its {CONFIG}")
 
 
 def fingerprints(folder: str, storage_cfg: StorageConfig | None = None) -> dict[str, str]:
