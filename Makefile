@@ -12,7 +12,7 @@ STACK := $(PY) infra/stack.py
 # KenLM's build (CPU) runs beside pip's downloads and unpacking (disk and network); its output goes to
 # .venv/kenlm.log. (pip's byte-compiling stays: without it, processes that write no bytecode, such as
 # multiprocessing's spawned workers here, compile torch and datatrove from source at every start.)
-.venv/.installed: pyproject.toml infra/build_kenlm.py
+.venv/.installed: pyproject.toml infra/build_kenlm.py infra/fetch_models.py infra/build_base_model.py
 	python3 -m venv .venv
 	$(MAKE) -s boost
 	$(PY) infra/build_kenlm.py > .venv/kenlm.log 2>&1 & kenlm=$$!; \
@@ -20,6 +20,7 @@ STACK := $(PY) infra/stack.py
 		wait $$kenlm || { cat .venv/kenlm.log; exit 1; }
 	$(PIP) uninstall -y -q torchvision
 	$(PY) infra/fetch_models.py
+	$(PY) infra/build_base_model.py
 	touch $@
 
 install: .venv/.installed

@@ -1,7 +1,8 @@
 """The `evaluate` flow: evaluate any checkpoint, from the UI or `prefect deployment run evaluate/checkpoint`.
 
 Parameters: the checkpoint's URI (a run's `.../train/VERSION/step-N` folder with its meta.json, local or s3://), the
-suite (task names; default: the preset's `evaluate.tasks`), and the preset and overrides for everything else
+suite (task names and/or a suite's name, `standard`; default: the preset's `evaluate.tasks` and `evaluate.suite`),
+and the preset and overrides for everything else
 (storage credentials, batch size, ...). The held-out documents are those of the run the checkpoint belongs to;
 results land in the checkpoint's `eval/` folder with the same artifacts as the evaluate stage of `pretrain`.
 """
@@ -19,6 +20,7 @@ from flows.locks import output_lock
 from flows.pretrain import report
 from stages import pipeline
 from stages.core.config import REPO_ROOT, PipelineConfig, load_config
+from stages.evaluate.benchmarks import SUITES
 from stages.evaluate.stage import evaluate
 
 
@@ -38,8 +40,9 @@ def evaluate_checkpoint(
     overrides: dict[str, Any] | None = None,
 ) -> dict:
     settings = dict(overrides or {})
-    if suite:
-        settings["evaluate.tasks"] = list(suite)
+    if suite:  # task names, or a suite's name (standard): only these, not the preset's
+        settings["evaluate.tasks"] = [name for name in suite if name not in SUITES]
+        settings["evaluate.suite"] = next((name for name in suite if name in SUITES), None)
     cfg = resolve_credentials(load_config(preset, settings))
     if "://" not in checkpoint and not Path(checkpoint).is_absolute():
         checkpoint = str(REPO_ROOT / checkpoint)  # relative to the repository, as config paths are

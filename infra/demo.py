@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO))
 from infra.stack import HOST, api_url
 from stages import pipeline
 from stages.core.config import load_config
+from stages.evaluate.stage import compare
 
 
 def main() -> int:
@@ -41,14 +42,26 @@ def main() -> int:
     if metrics.exists():
         steps = [json.loads(line) for line in metrics.read_text().splitlines()]
         print(f"Training: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}")
-    results = sorted(Path(run).glob("step-*/eval/results.json"))
-    if results:
-        data = json.loads(results[-1].read_text())
-        print(f"Evaluation ({results[-1]}):")
-        for task, metrics in data.get("results", {}).items():
-            shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            print(f"  {task}: {json.dumps(shown)}")
+    evaluated = sorted(Path(run).glob("step-*/eval/stats.json"))
+    if evaluated:
+        print_evaluation(evaluated[-1])
     return 0
+
+
+def print_evaluation(path: Path) -> None:
+    """The latest evaluation as the eval-metrics artifact has it: each metric with chance and, for the standard
+    benchmarks, the published GPT-2 124M and Pythia-160M figures beside it."""
+    stats = json.loads(path.read_text())
+    limit = stats.get("benchmarks_limit")
+    print(f"Evaluation ({path.parent}/results.json):")
+    if stats.get("benchmarks"):
+        print(f"  standard benchmarks on {f'their first {limit} examples' if limit else 'all examples'} each "
+              "(validation splits): a model this small scores near chance; published figures for scale")  # fmt: skip
+    line = "  {:<11} {:<15} {:<16} {:>10} {:>7} {:>11} {:>12}"
+    print(line.format("model", "task", "metric", "value", "chance", "GPT-2 124M", "Pythia-160M"))
+    for row in compare(stats["metrics"], stats.get("previous"), stats.get("base"), f"step {stats['step']}"):
+        cells = [row.get(key) for key in ("value", "chance", "gpt2_124m", "pythia_160m")]
+        print(line.format(row["model"], row["task"], row["metric"], *("" if v is None else f"{v:.4g}" for v in cells)))
 
 
 if __name__ == "__main__":

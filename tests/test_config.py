@@ -72,7 +72,8 @@ def test_yaml_numbers_and_the_banding_a_threshold_chose(tmp_path, monkeypatch):
 
 
 def test_unknown_preset_and_bad_yaml(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match=r"config preset 'does-not-exist': no such file .*\(known in .*: tiny"):
+    known = r"\(known in .*: continue-hf, tiny, tiny-s3\)"
+    with pytest.raises(ConfigError, match=r"config preset 'does-not-exist': no such file .*" + known):
         load_config("does-not-exist")
     monkeypatch.setenv(CONFIG_PATH_ENV, str(tmp_path))
     bad = tmp_path / "bad.yaml"

@@ -78,3 +78,25 @@ def test_flow_submits_data_stages_to_the_cluster_with_prefect_dask(small_corpus,
     ran = units_run_by(cluster) - before
     # the Prefect tasks themselves ran on Dask workers (flows/pretrain.py), the second after the first's future
     assert {f"run_{name}" for name in STAGES[:2]} <= ran, ran
+
+
+def test_ablation_proxy_runs_side_by_side_on_the_cluster(small_corpus, cluster, tmp_path):
+    """stages/tools/ablate.py with cluster.dask_address: the proxy runs go to the cluster's workers, side by side,
+    and give the numbers the same ablation gives one run after another (training is deterministic on CPU)."""
+    from stages.tools import ablate
+
+    def summary(root, **extra):
+        overrides = {"storage.root": str(root), "ingest.inputs": [str(small_corpus["jsonl"])],
+                     "ingest.docs_per_shard": 100, "train.nproc_per_node": 1, "train.max_steps": 3,
+                     "train.checkpoint_every": 3, "train.val_every": 3, "train.micro_batch_size": 2,
+                     "train.seq_len": 64, "evaluate.suite": None, "evaluate.every_steps": None,
+                     "evaluate.max_docs": 8, "tokenizer.vocab_size": 1000, **extra}  # fmt: skip
+        spec = {"variants": {"base": {}, "no-gopher": {"filter.gopher_quality.enabled": False}}, "seeds": [1, 2],
+                "overrides": overrides, "heldout_docs": 8, "heldout_permille": 200}  # fmt: skip
+        return ablate.run_plain(ablate.load(spec), log=lambda _: None)
+
+    here = summary(tmp_path / "here")
+    there = summary(tmp_path / "there", **{"cluster.dask_address": cluster.scheduler_address})
+    assert "proxy_run" in units_run_by(cluster)
+    for name in ("base", "no-gopher"):
+        assert there["variants"][name]["per_seed"] == here["variants"][name]["per_seed"], name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 import shutil
 import subprocess
 
@@ -60,6 +61,24 @@ def test_exact_and_near_copies_removed_keeping_the_first(tmp_path):
     listed = pq.read_table(next((out_dir("dedup", cfg) / REMOVED).glob("*.parquet"))).to_pylist()
     assert {(r["id"], r["kind"], r["survivor_row"]) for r in listed} == {("c", "near", 0), ("d", "exact", 0),
                                                                        ("e", "exact", 0)}  # fmt: skip
+
+
+def test_cluster_browser_shows_survivors_members_and_their_similarity(planted):
+    """stages/dedup/browse.py on the planted corpus: the largest clusters, each with the survivor (a base text) and
+    its removed members (variants), each member's Jaccard the one the variant was planted with; bounded."""
+    from stages.dedup import browse
+
+    cfg, similarity = planted
+    stats = PIPELINE.run("dedup", cfg, log=lambda _: None)
+    (artifact,) = dedup.STAGE.artifacts(cfg, stats)
+    assert artifact.key == "dedup-clusters" and artifact.kind == "markdown"
+    clusters = browse.largest_clusters(stats["output"], cfg)
+    assert 0 < len(clusters) <= browse.CLUSTERS and all(len(rows) <= browse.MEMBERS for _, rows in clusters)
+    rows = re.findall(r"^\| `var-(\d+)` \| (near|exact) \| ([0-9.]+) \|", artifact.content, re.M)
+    assert rows and all(float(j) == pytest.approx(similarity[int(i)], abs=5e-4) for i, _, j in rows)
+    survivors = re.findall(r"^## Cluster \d+: survivor `(base-\d+)`", artifact.content, re.M)
+    assert len(survivors) == len(clusters)
+    assert len(artifact.content) < browse.CLUSTERS * (browse.MEMBERS + 1) * (browse.OPENING + 120) + 1000
 
 
 def sample_texts(min_words: int = 200) -> list[str]:

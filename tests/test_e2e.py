@@ -74,16 +74,13 @@ def api(base: str, path: str, body: dict | None = None):
 
 
 def run_deployment(stack, params: dict, deployment: str = "pretrain/full") -> str:
-    env = {**os.environ, "PREFECT_API_URL": stack["api"]}
-    proc = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", deployment, "--watch", "--params", json.dumps(params)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, f"{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}\n{server_logs(stack)}"
-    return re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+    """A flow run of `deployment`, waited for until it ends; it must complete. (This polls the API rather than use
+    `prefect deployment run --watch`, which follows the run over the events websocket: under load the CLI has
+    subscribed after a short run's last event and then waited forever.)"""
+    flow_run = start_deployment(stack, params, deployment)
+    state = wait_for_end(stack, flow_run)
+    assert state == "COMPLETED", f"{deployment} {params}: {state}\n{server_logs(stack)}"
+    return flow_run
 
 
 def start_deployment(stack, params: dict, deployment: str = "pretrain/full") -> str:
@@ -219,6 +216,11 @@ def test_pretrain_full_local(stack, tmp_path):
     assert (run / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
     eval_rows = json.loads(artifacts(stack, flow_run)["eval-metrics"]["data"])
     assert {(r["task"], r["metric"]) for r in eval_rows} >= {("heldout_ppl", "bits_per_byte"), ("heldout_mc", "acc")}
+    # the demo's bounded slice of the standard benchmarks, with chance and the published figures beside it
+    scale = {(r["task"], r["metric"]): r for r in eval_rows}
+    assert scale[("lambada_openai", "perplexity")]["pythia_160m"] == 38.0649 and scale[("piqa", "acc")]["chance"] == 0.5
+    stats = json.loads((run / "step-000060" / "eval" / "stats.json").read_text())
+    assert stats["benchmarks_limit"] == 20 and len(stats["benchmarks"]) == 9
 
     # Any checkpoint, evaluated from the `evaluate/checkpoint` deployment with a suite of its own.
     first = run / "step-000030"
@@ -259,6 +261,111 @@ def test_pretrain_full_local(stack, tmp_path):
     for stage in PIPELINE.names[:-1]:
         assert f"| {stage} | skip |" in table, table
     assert "| evaluate | run | forced |" in table
+
+
+def test_continued_pretraining_from_a_hugging_face_model(stack, tmp_path):
+    """The continue-hf preset: models/base-llama (a LlamaForCausalLM directory transformers wrote) continued on the
+    sample. The data stages of the local run are reused; the tokenizer stage loads the model's tokenizer; the
+    first step's loss is transformers' loss of that model on the first batch; the evaluation's first rows are the
+    base model's scores; lineage names the directory and its files."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.tools import lineage
+    from stages.train import loader
+    from stages.train.stage import resolved
+
+    base = REPO / "models" / "base-llama"
+    assert (base / "config.json").is_file(), "models/base-llama is built by `make install` (infra/build_base_model.py)"
+    root = COMPLETED.get("local_root", str(tmp_path / "outputs"))  # (alone, the data stages run here first)
+    overrides = {"storage.root": root, "train.nproc_per_node": 1, "train.max_steps": 10, "train.checkpoint_every": 10,
+                 "train.val_every": 10, "evaluate.suite_limit": 4}  # fmt: skip
+    flow_run = run_deployment(stack, {"preset": "continue-hf", "overrides": overrides})
+    assert_run_completed_stages(stack, flow_run)
+    logs = flow_run_logs(stack, flow_run)
+    if "local_root" in COMPLETED:
+        assert all(sum(f"{stage}: up to date at" in line for line in logs) == 1 for stage in DATA[:3]), logs
+    cfg = load_config("continue-hf", overrides)
+    assert cfg.tokenizer.path == str(base) and cfg.tokenizer.eos_token == "</s>"
+
+    # the tokenizer stage's tokenizer is the model's: the same ids as transformers' own tokenizer of the directory
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_file(str(out_dir("tokenizer", cfg) / "tokenizer.json"))
+    theirs = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    text = "Continued pretraining starts from a published model and trains on the user's own text."
+    assert ours.encode(text).ids == theirs(text, add_special_tokens=False)["input_ids"]
+
+    # step 1's loss (before its update) is transformers' loss of the base model on the run's first batch
+    run = Path(PIPELINE.output("train", cfg).uri)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    cfg = resolved(cfg, PIPELINE.upstream("train", cfg))
+    batch = next(iter(loader.make_loader(cfg, "train", cfg.train.micro_batch_size, shuffle=True)))
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(batch[:, :-1].long()).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].long().flatten()).item()
+    assert first["step"] == 1 and abs(first["loss"] - expected) < 1e-4, (first["loss"], expected)
+
+    # the evaluation table starts with the base model's rows; the checkpoint's rows carry their change from them
+    rows = json.loads(artifacts(stack, flow_run)["eval-metrics"]["data"])
+    assert rows[0]["model"] == "base model" and rows[-1]["model"] == "step 10"
+    base_rows = {(r["task"], r["metric"]): r["value"] for r in rows if r["model"] == "base model"}
+    for r in (r for r in rows if r["model"] == "step 10" and r["value"] is not None):
+        assert r["change_from_base"] == pytest.approx(r["value"] - base_rows[(r["task"], r["metric"])])
+    bpb = {r["model"]: r["value"] for r in rows if (r["task"], r["metric"]) == ("heldout_ppl", "bits_per_byte")}
+    assert bpb["step 10"] < bpb["base model"]  # (a random base model: ten steps on the sample already help)
+    hellaswag = next(r for r in rows if (r["task"], r["metric"]) == ("hellaswag", "acc_norm"))
+    assert hellaswag["gpt2_124m"] == 0.3114 and hellaswag["chance"] == 0.25
+
+    # lineage names the base model directory and the fingerprints of its files
+    tree = lineage.lineage(str(run / "step-000010"))
+    assert tree["base_model"]["uri"] == str(base)
+    assert {"config.json", "model.safetensors"} <= set(tree["base_model"]["files"])
+
+
+def test_ablation_of_two_variants_with_two_seeds(stack, tmp_path):
+    """`pretrain/ablate` through the server: two data variants (the tiny preset, and without the Gopher quality
+    rule), two seeds each, one held-out set none trained on; the table, plot and verdict as artifacts, the summary
+    with every run's lineage beside the runs."""
+    root = COMPLETED.get("local_root", str(tmp_path / "outputs"))  # (its ingest output is shared, not rebuilt)
+    overrides = {"storage.root": root, "train.nproc_per_node": 1, "train.max_steps": 8, "train.checkpoint_every": 8,
+                 "train.val_every": 8, "evaluate.suite": None, "evaluate.every_steps": None}  # fmt: skip
+    variants = {"baseline": {}, "no-gopher-quality": {"filter.gopher_quality.enabled": False}}
+    params = {"variants": variants, "seeds": [1, 2], "overrides": overrides}
+    flow_run = run_deployment(stack, params, deployment="pretrain/ablate")
+    assert api(stack["api"], f"/flow_runs/{flow_run}")["state"]["type"] == "COMPLETED", server_logs(stack)
+    found = artifacts(stack, flow_run)
+    rows = json.loads(found["ablation"]["data"])
+    assert [r["variant"] for r in rows] == ["baseline", "no-gopher-quality"]
+    uri = found["ablation"]["description"].split(": held-out ")[0]  # (the ablation's folder opens the description)
+    summary = json.loads((Path(uri) / "results.json").read_text())
+    base, ablated = (summary["variants"][name] for name in variants)
+    assert set(base["per_seed"]) == {"1", "2"} and base["per_seed"]["1"] != base["per_seed"]["2"]  # seeds differ
+    assert ablated["docs_kept"] > base["docs_kept"]  # the Gopher rule removes documents of the sample
+    assert len(base["lineage"]) == 2 and base["lineage"][0]["kind"] == "checkpoint"
+    assert (Path(uri) / "ablation.png").read_bytes().startswith(b"\x89PNG")
+    assert found["ablation-plot"]["data"].startswith("data:image/png;base64,iVBORw0KGgo")
+    assert ("seed spread" in summary["verdict"]) and summary["verdict"] in found["ablation-verdict"]["data"]
+    # one held-out set, taken before any variant tokenized, and no variant trained on it
+    heldout = [json.loads(line) for line in Path(summary["heldout"]).read_text().splitlines()]
+    for name in variants:
+        run_checkpoint = summary["variants"][name]["checkpoints"][0]
+        meta = json.loads((Path(run_checkpoint) / "meta.json").read_text())
+        tokens = json.loads((Path(meta["data_uri"]) / MANIFEST).read_text())
+        assert tokens["counts"]["removed"]["decontaminated"] >= len(heldout), name
+        assert meta["tokenizer_sha256"] == summary["variants"]["baseline"]["lineage"][0]["tokenizer_sha256"], name
+    # the shared ingest is built once: the second variant finds it up to date
+    logs = flow_run_logs(stack, flow_run)
+    assert sum("ingest: up to date at" in line for line in logs) >= 1
+    states = task_states(stack, flow_run)
+    assert all(state == "COMPLETED" for state in states.values()) and "train" in states
+    COMPLETED["ablation"] = flow_run
+
+
+def assert_run_completed_stages(stack, flow_run_id: str) -> None:
+    states = task_states(stack, flow_run_id)
+    assert {name: states.get(name) for name in PIPELINE.names} == {name: "COMPLETED" for name in PIPELINE.names}
 
 
 def flow_process(flow_run_id: str) -> psutil.Process:
@@ -512,8 +619,9 @@ def test_prefect_ui_shows_every_stage_and_artifact(stack):
     Screenshots: test-output/ui/."""
     from playwright.sync_api import sync_playwright
 
-    flow_run = COMPLETED.get("s3")
+    flow_run, ablation = COMPLETED.get("s3"), COMPLETED.get("ablation")
     assert flow_run, "needs the completed run of test_pretrain_full_s3"
+    assert ablation, "needs the completed run of test_ablation_of_two_variants_with_two_seeds"
     shots = REPO / "test-output" / "ui"
     shots.mkdir(parents=True, exist_ok=True)
     browser_path = shutil.which("chromium")
@@ -536,13 +644,26 @@ def test_prefect_ui_shows_every_stage_and_artifact(stack):
 
             page.get_by_text("Artifacts", exact=True).first.click()
             expected = {f"{s}-stats" for s in PIPELINE.names} | {"plan", "data-funnel", "eval-metrics", "train-metrics"}
+            expected |= {"filter-rule-gopher-quality", "filter-rule-language", "dedup-clusters"}  # (the browsers)
             for name in sorted(expected | {"train-loss-curve", "train-progress"}):
                 # each card renders on its own time under load: wait for every one, never read the page once
                 page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
             page.screenshot(path=shots / "artifacts.png", full_page=True)
+
+            # a rule's browser opens as markdown: removed documents with the measured value against the threshold
+            page.get_by_text("filter-rule-gopher-quality", exact=True).first.click()
+            page.get_by_text("Filter: gopher_quality").first.wait_for(timeout=60_000)
+            page.get_by_text(re.compile(r"kept when at least")).first.wait_for(timeout=30_000)
+            page.screenshot(path=shots / "filter-rule.png", full_page=True)
+
+            page.goto(stack["api"].removesuffix("/api") + f"/runs/flow-run/{ablation}")  # the ablation's artifacts
+            page.get_by_text("Artifacts", exact=True).first.click()
+            for name in ("ablation", "ablation-plot", "ablation-verdict"):
+                page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+            page.screenshot(path=shots / "ablation.png", full_page=True)
         finally:
             browser.close()
-    for name in ("flow-run", "task-runs", "artifacts"):
+    for name in ("flow-run", "task-runs", "artifacts", "filter-rule", "ablation"):
         assert (shots / f"{name}.png").read_bytes().startswith(b"\x89PNG")
 
 

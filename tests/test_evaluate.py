@@ -348,19 +348,19 @@ def test_generation_with_kv_cache_matches_full_recompute(lm):
         assert out == lm.tok_decode(generated).split(EOS)[0]
 
 
-def test_heldout_mc_and_a_missing_standard_suite(setup, tmp_path):
-    """The local multiple-choice task runs offline; hellaswag, whose dataset is not in the HF cache here, is
+def test_heldout_mc_and_a_task_without_local_data(setup, tmp_path):
+    """The local multiple-choice task runs offline; triviaqa, whose dataset is not in the HF cache here, is
     skipped with the reason; an unknown task name is an error."""
     cfg, root, _ = setup
     copy = tmp_path / "root"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("eval"))
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.storage.root = str(copy)
-    run_cfg.evaluate.tasks = ["heldout_ppl", "heldout_mc", "hellaswag"]
+    run_cfg.evaluate.tasks = ["heldout_ppl", "heldout_mc", "triviaqa"]
     stats = PIPELINE.run("evaluate", run_cfg, log=lambda _: None)
     assert set(stats["metrics"]) == {"heldout_ppl", "heldout_mc"}
     assert 0.0 <= stats["metrics"]["heldout_mc"]["acc"] <= 1.0
-    assert "hellaswag" in stats["tasks_skipped"] and stats["tasks_skipped"]["hellaswag"]
+    assert "triviaqa" in stats["tasks_skipped"] and stats["tasks_skipped"]["triviaqa"]
     results = json.loads((run_dir(run_cfg) / "step-000005" / "eval" / "results.json").read_text())
     assert results["tasks_skipped"] == stats["tasks_skipped"]
     assert results["n-samples"]["heldout_mc"]["effective"] == 10  # one per held-out doc of 16+ words here
@@ -368,6 +368,41 @@ def test_heldout_mc_and_a_missing_standard_suite(setup, tmp_path):
     run_cfg.evaluate.tasks = ["heldout_ppl", "hellaswagg"]
     with pytest.raises(ValueError, match="hellaswagg"):
         PIPELINE.run("evaluate", run_cfg, log=lambda _: None)
+
+
+def test_standard_suite_runs_offline_and_names_versions_and_data_hashes(setup, tmp_path):
+    """evaluate.suite: standard runs the nine benchmarks from the local files, suite_limit examples each (the held-out
+    documents all the same); every result names lm-eval's task version and its data file's sha256, which the
+    identity also holds; missing data fails preflight naming the field."""
+    from stages.evaluate import benchmarks
+    from tests.conftest import REPO
+
+    cfg, root, _ = setup
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("eval"))
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.storage.root = str(copy)
+    run_cfg.evaluate.suite, run_cfg.evaluate.suite_limit = "standard", 2
+    run_cfg.evaluate.benchmark_data = str(REPO / "models" / "benchmarks")
+    stats = PIPELINE.run("evaluate", run_cfg, log=lambda _: None)
+    suite = benchmarks.SUITES["standard"]
+    assert set(stats["metrics"]) == {"heldout_ppl", *suite} and not stats["tasks_skipped"]
+    assert {"acc", "acc_norm"} <= stats["metrics"]["hellaswag"].keys()
+    assert {"acc", "perplexity"} <= stats["metrics"]["lambada_openai"].keys()
+    results = json.loads((run_dir(run_cfg) / "step-000005" / "eval" / "results.json").read_text())
+    for task in suite:
+        assert results["n-samples"][task]["effective"] == 2
+        info = stats["benchmarks"][task]
+        assert info["version"] == results["versions"][task] and info["expected_sha256"], task
+        assert info["sha256"] == benchmarks.BY_TASK[task].sha256
+    assert results["n-samples"]["heldout_ppl"]["effective"] == 20  # (no limit on the held-out documents)
+    assert stats["benchmarks"]["boolq"]["version"] == 2.0 and stats["benchmarks_limit"] == 2
+    manifest = json.loads((run_dir(run_cfg) / "step-000005" / "eval" / "manifest.json").read_text())
+    assert manifest["identity"]["benchmark_data"]["sciq"] == benchmarks.BY_TASK["sciq"].sha256
+
+    run_cfg.evaluate.benchmark_data = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="evaluate.benchmark_data: 9 benchmark file"):
+        evaluate.STAGE.check(run_cfg)  # (one of preflight's checks, before any stage runs)
 
 
 def test_every_steps_evaluates_older_checkpoints_and_compares(setup, tmp_path):

@@ -91,3 +91,37 @@ def test_lm_eval_hf_backend_gives_the_same_metrics(exported):
     assert n_docs == 20 and a.keys() == b.keys()
     for metric in a:
         assert a[metric] == pytest.approx(b[metric], rel=1e-5), metric
+
+
+def test_standard_suite_slice_gives_the_same_numbers_through_the_hf_backend(exported):
+    """Each standard benchmark (lm-eval's definition on the local copy of its data), on its first examples: the
+    in-process LM on the checkpoint and lm-eval's `hf` backend on the export agree."""
+    import lm_eval
+
+    from stages.evaluate import benchmarks
+
+    cfg, ckpt, meta, dest, _ = exported
+    tasks = benchmarks.SUITES["standard"]
+    window = 256  # (an answer can be longer than the training window in this tiny vocabulary; RoPE extends)
+    lm = harness.PipelineLM(harness.load_model(ckpt, meta), exported_tokenizer(exported), max_length=window)
+    val_uri = str(Path(cfg.train.data) / "val_docs.jsonl")
+    with tempfile.TemporaryDirectory() as tmp:
+        include, _, _ = eval_tasks.prepare_tasks(cfg, val_uri, Path(tmp))
+        common = dict(tasks=tasks, log_samples=False, bootstrap_iters=0, limit=3, batch_size=4)
+        manager = eval_tasks._task_manager(include, tasks)
+        ours = lm_eval.simple_evaluate(model=lm, task_manager=manager, **common)
+        theirs = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={dest},dtype=float32,max_length={window}",
+            task_manager=manager,
+            device="cpu",
+            **common,
+        )
+    a, b = eval_tasks.summarize(ours), eval_tasks.summarize(theirs)
+    assert set(a) == set(b) == set(tasks)
+    for task in tasks:
+        assert ours["n-samples"][task]["effective"] == 3
+        assert a[task].keys() == b[task].keys() and a[task], task
+        for metric, value in a[task].items():
+            assert value == pytest.approx(b[task][metric], rel=1e-4), (task, metric)
+    assert ours["versions"]["boolq"] == 2.0 and ours["versions"]["hellaswag"] == 1.0  # lm-eval's own definitions

@@ -40,6 +40,33 @@ def test_filter_counts_removals_per_rule_and_keeps_removed_docs(data_pipeline):
     assert any(d.metadata["language"] in ("de", "fr", "es") for d in removed)
 
 
+def test_rule_browser_measures_what_each_rule_decided(data_pipeline):
+    """The per-rule artifacts (stages/filter/browse.py): removed documents with their reason and the measured value
+    on the wrong side of its threshold, kept ones nearest a threshold on the right side; bounded in size."""
+    from stages.filter import browse
+
+    cfg, _, stats = data_pipeline
+    out = stats["filter"]["output"]
+    shown = {a.key: a for a in browse.artifacts(cfg, stats["filter"])}
+    removing = [rule for rule, n in stats["filter"]["removed"].items() if n]
+    assert set(shown) == {"filter-rule-" + rule.replace("_", "-") for rule in removing}
+    bound = 8 * browse.SHOWN * (browse.OPENING + 300)
+    assert all(a.kind == "markdown" and len(a.content) < bound for a in shown.values())
+    for rule, docs in browse.removed_by_rule(out, cfg).items():
+        for doc in docs if rule in browse.MEASURES else []:
+            failed = browse.failed_check(rule, doc, cfg)  # measured here: on the removing side of its threshold
+            if failed is None:  # (only a document in another language than those kept has no measure)
+                assert rule == "language" and doc.metadata["language"] not in cfg.filter.languages
+                continue
+            assert browse.margin(failed[1]) < 0, (rule, doc.metadata["removed_by"], failed)
+    for rule in browse.MEASURES:
+        kept = browse.nearest_kept(out, cfg, rule)
+        assert kept and all(margin >= 0 for margin, *_ in kept), rule  # kept: inside every threshold of the rule
+        assert [m for m, *_ in kept] == sorted(m for m, *_ in kept)
+    gopher = shown["filter-rule-gopher-quality"].content
+    assert "removed by this rule" in gopher and "(kept when at least" in gopher and "nearest a threshold" in gopher
+
+
 def test_url_rule_with_mapped_domain_list_decides_as_datatrove():
     import itertools
     import random

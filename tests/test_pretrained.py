@@ -94,7 +94,8 @@ def test_unknown_weights_and_missing_files_are_refused(tmp_path):
 def test_training_starts_from_a_hugging_face_directory_on_two_ranks(tmp_path):
     """train.initial_checkpoint names the directory: each rank loads its shard of the base model's weights (FSDP2)
     and the run's identity (and so lineage) records the base model's files. With a learning rate of 1e-12 the first
-    step's checkpoint is the base model itself: exported, its tensors equal the directory's."""
+    step's checkpoint is the base model itself: exported, its tensors equal the directory's. Its vocabulary is padded
+    beyond the tokenizer's, as many published models' are."""
     from stages.evaluate import lm as harness
     from stages.train.stage import STAGE, run_training
     from tests import test_train
@@ -102,7 +103,8 @@ def test_training_starts_from_a_hugging_face_directory_on_two_ranks(tmp_path):
     root = tmp_path / "run"
     root.mkdir()
     test_train.build_token_data(root)  # (tokens of a 512-token BPE: the vocabulary the model below has)
-    theirs, folder = llama(tmp_path, vocab_size=512, intermediate_size=192, rope_theta=10000.0, rms_norm_eps=1e-5,
+    # (vocabulary padded beyond the tokenizer's 512, as many published models are: the rows no id reaches stay)
+    theirs, folder = llama(tmp_path, vocab_size=520, intermediate_size=192, rope_theta=10000.0, rms_norm_eps=1e-5,
                            tie_word_embeddings=True)  # fmt: skip
     cfg = test_train.make_cfg(str(root), max_steps=1, warmup_steps=0, lr=1e-12, min_lr=0.0, checkpoint_every=1,
                               initial_checkpoint=folder)  # fmt: skip
@@ -114,7 +116,9 @@ def test_training_starts_from_a_hugging_face_directory_on_two_ranks(tmp_path):
     assert tree["base_model"]["uri"] == folder
     assert set(tree["base_model"]["files"]) == {"config.json", "model.safetensors"}
     assert any(line.strip().startswith(f"base model: {folder}") for line in lineage.render(tree))
-    back = export.hf_state_dict(harness.load_model(ckpt, json.loads(open(f"{ckpt}/meta.json").read())))
+    meta = json.loads(open(f"{ckpt}/meta.json").read())
+    assert meta["vocab_size"] == 520
+    back = export.hf_state_dict(harness.load_model(ckpt, meta))
     original = theirs.state_dict()
     assert all((back[k] - original[k]).abs().max().item() < 1e-6 for k in back), "the base model's weights"
     # a model section that is not the directory's model is refused before any rank starts, naming the fields

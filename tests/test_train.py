@@ -31,6 +31,7 @@ from stages.core.config import PipelineConfig
 from stages.evaluate import lm as harness
 from stages.train import report as train_report
 from stages.train import scaling
+from stages.train.metrics import MetricsLog
 from stages.train.stage import child_config_json, run_training, run_uri, torchrun_command
 from stages.train.worker import DivergenceGuard, TrainingDiverged
 
@@ -468,6 +469,56 @@ def test_resume_continues_at_step(short_run, tmp_path):
     assert not forced["skipped"] and any("training from scratch (forced)" in line for line in lines)
     again = run_training(make_cfg(str(root), max_steps=3, checkpoint_every=10), lines.append, force="flow-run-1")
     assert again["skipped"] and any("not forced again" in line for line in lines)
+
+
+def scalars(folder: str) -> dict[str, dict[int, float]]:
+    """A TensorBoard log folder's scalars as TensorBoard shows them: by tag, value per step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(folder)
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_events_beside_metrics_jsonl(short_run, moto_endpoint, tmp_path):
+    ckpts, _, _, _ = short_run
+    logged = [json.loads(line) for line in (ckpts / "metrics.jsonl").read_text().splitlines()]
+    shown = scalars(str(ckpts / "tensorboard"))
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"} <= set(shown)
+    assert shown["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in logged})  # (float32 there)
+    assert shown["val/loss"] == pytest.approx({r["step"]: r["val_loss"] for r in logged if "val_loss" in r})
+
+    # Resumed from a checkpoint at step 2 after steps 3 and 4 were logged: TensorBoard shows the new step 3 alone.
+    cfg = make_cfg(str(tmp_path))
+    for start, steps in ((0, [1, 2, 3, 4]), (2, [3])):
+        log = MetricsLog(cfg, str(tmp_path / "resumed"), start)
+        for step in steps:
+            log.append({"step": step, "loss": step * (10.0 if start else 1.0)})
+        log.close()
+    assert scalars(str(tmp_path / "resumed" / "tensorboard"))["train/loss"] == {1: 1.0, 2: 2.0, 3: 30.0}
+
+    # On S3: event files written locally, uploaded at each flush (a checkpoint), the local copy gone at the end.
+    import boto3
+
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="bucket")
+    remote = make_cfg("s3://bucket/root")
+    remote.storage.endpoint_url, remote.storage.region = moto_endpoint, "us-east-1"
+    log = MetricsLog(remote, "s3://bucket/root/run", 0)
+    log.append({"step": 1, "loss": 5.0})
+    log.flush()
+    (uploaded,) = storage.expand("s3://bucket/root/run/tensorboard/", remote.storage)
+    local = Path(log.events.folder)
+    log.close()
+    assert not local.exists()
+    with storage.open_uri(uploaded, "rb", remote.storage) as src:
+        (tmp_path / "downloaded").mkdir()
+        (tmp_path / "downloaded" / uploaded.rsplit("/", 1)[1]).write_bytes(src.read())
+    assert scalars(str(tmp_path / "downloaded"))["train/loss"] == {1: 5.0}
+
+    # train.tensorboard false: metrics.jsonl alone.
+    cfg.train.tensorboard = False
+    MetricsLog(cfg, str(tmp_path / "off"), 0).close()
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["metrics.jsonl"]
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(short_run, token_data, tmp_path):

@@ -463,12 +463,15 @@ class TrainConfig(Strict):
     # source's validation loss, and tokens and epochs per source are logged and reported.
     mixture: MixtureConfig | None = None
     val_every: int = Field(50, gt=0)  # validation loss every K steps (and at the end)
+    # TensorBoard event files (loss, lr, grad norm, tokens/s, val loss) in the run folder's tensorboard/, beside
+    # metrics.jsonl, for `tensorboard --logdir RUN`; false: metrics.jsonl alone.
+    tensorboard: bool = True
     val_batches: int = Field(4, gt=0)  # per rank, of micro_batch_size sequences
     seed: int = 1234
     loader_workers: int = Field(0, ge=0)
     # How the run proceeds and what it keeps, not the weights it ends with (resume is exact).
     # (data: its content's digest is part of a run's identity, not the path it is read from.)
-    runtime_only = ("resume", "async_checkpoint", "keep_last", "data")
+    runtime_only = ("resume", "async_checkpoint", "keep_last", "data", "tensorboard")
 
     @classmethod
     def digest_view(cls, section: dict) -> dict:
@@ -510,10 +513,19 @@ class EvaluateConfig(Strict):
     # piqa, lambada_openai, winogrande, ...): one whose dataset is not in the local Hugging Face cache is skipped
     # with the reason in the results, never fatal.
     tasks: list[str] = ["heldout_ppl", "heldout_mc"]
+    # standard: also HellaSwag, ARC-Easy/-Challenge, PIQA, WinoGrande, LAMBADA, BoolQ, OpenBookQA and SciQ through
+    # lm-eval's own definitions on the local copies under benchmark_data (stages/evaluate/benchmarks.py).
+    suite: Literal["standard"] | None = None
+    suite_limit: int | None = Field(None, gt=0)  # examples scored per benchmark task (the first N); None: all
+    benchmark_data: str = "models/benchmarks"  # put there by infra/fetch_models.py at install time
+    runtime_only = ("benchmark_data",)  # (the data files' sha256 are in an evaluation's identity, not their folder)
     # Also evaluate every kept checkpoint at a multiple of this many steps (oldest first, each compared with the
     # one before); None: only the latest. Checkpoints deleted by train.keep_last are not evaluated.
     every_steps: int | None = Field(None, gt=0)
     max_docs: int | None = Field(200, gt=0)  # held-out documents scored; None: all
+    # The held-out documents (JSONL with `text`, local or s3://): unset, the validation split of the data the
+    # checkpoint trained on; set, one set for every run evaluated (an ablation's: stages/tools/ablate.py).
+    heldout: str | None = None
     batch_size: int = Field(8, gt=0)
     # Training documents sharing a 13-gram with these texts (JSONL `text` fields or text files) are dropped by
     # the tokenize stage, as are those overlapping the held-out split when `heldout_ppl` is among the tasks.
@@ -664,6 +676,9 @@ def _resolve_relative(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.tokenizer.path:
         cfg.tokenizer.path = local(cfg.tokenizer.path)
     cfg.evaluate.decontaminate_with = [local(p) for p in cfg.evaluate.decontaminate_with]
+    cfg.evaluate.benchmark_data = local(cfg.evaluate.benchmark_data)
+    if cfg.evaluate.heldout:
+        cfg.evaluate.heldout = local(cfg.evaluate.heldout)
     if cfg.train.data:
         cfg.train.data = local(cfg.train.data)
     for source in cfg.train.mixture.sources if cfg.train.mixture else []:

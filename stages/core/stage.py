@@ -142,7 +142,7 @@ class Stage:
     `check(cfg)` what preflight verifies before any work. `units`: its work splits into resumable units (run on
     a Dask cluster when one is configured). `scratch`: folders in its output removed once it is committed.
     `funnel`: its row in the data funnel (it then reports CORE_KEYS). `code_also` and `code_exclude` adjust its code
-    version (`package_version`)."""
+    version (`package_version`). `show(cfg, stats)`: the artifacts it shows beside its stats table."""
 
     name: str
     folder: str
@@ -159,6 +159,7 @@ class Stage:
     funnel: str | None = None
     code_also: tuple[str, ...] = ()
     code_exclude: tuple[str, ...] = ()
+    show: Callable[[PipelineConfig, dict], list[Artifact]] | None = None  # what it shows beside its stats table
 
     def wired(self, **inputs: str) -> Stage:
         """This stage with each of its roles fed by the named stage."""
@@ -183,8 +184,8 @@ class Stage:
         return versioned_output(self.name, self.folder, cfg, identity or self.identity(cfg, upstream))
 
     def artifacts(self, cfg: PipelineConfig, stats: dict) -> list[Artifact]:
-        """What to show beside the stats table once it has run (the stats table alone, by default)."""
-        return []
+        """What to show beside the stats table once it has run (`show`'s; the stats table alone, by default)."""
+        return self.show(cfg, stats) if self.show else []
 
     def lock_uri(self, cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> str:
         """What a run of this stage holds the lock on while it builds (flows/locks.py): its output."""

@@ -43,7 +43,7 @@ from stages.core.banding import Banding
 from stages.core.config import PipelineConfig
 from stages.core.stage import Build, Log, OnProgress, Progress, Stage, StageResult, committed_shards, run_units
 from stages.core.storage import StageOutput
-from stages.dedup import minhash, units
+from stages.dedup import browse, minhash, units
 from stages.dedup.minhash import EXACT_TABLE
 from stages.dedup.units import SIGNATURES
 
@@ -227,6 +227,7 @@ def build(b: Build) -> StageResult:
     b.log(f"dedup: {counts['removed']['exact']} exact and {counts['removed']['near']} near duplicates "
           f"in {len(sizes)} clusters")  # fmt: skip
     stats = {
+        "input": docs.uri,  # (where the positions in removed/ point: stages/dedup/browse.py reads the clusters there)
         "clusters": len(sizes),
         "cluster_size_histogram": minhash.histogram(sizes.values()),
         "lsh": {"bands": banding.bands, "rows": banding.rows, "implied_threshold": round(banding.implied_threshold, 3),
@@ -281,4 +282,6 @@ STAGE = Stage(
     scratch=(WORK,),  # (the manifest is written, nothing reads it again)
     funnel="dedup",
     code_also=("stages.core.banding",),  # (bands x rows for a threshold: beside the config, which checks it)
+    code_exclude=("browse.py",),  # (it reads the output, never makes it)
+    show=browse.artifacts,
 )

@@ -54,6 +54,18 @@ def load_model(
     return model.to(device).eval()
 
 
+def load_base_model(
+    folder: str, storage: StorageConfig | None = None, device: str | torch.device = "cpu"
+) -> Transformer:
+    """A Hugging Face Llama directory (a run's base model) as the pipeline's Transformer."""
+    from stages.train import pretrained
+
+    cfg, vocab = pretrained.read_model_config(folder, storage)
+    model = Transformer(cfg, vocab)
+    model.load_state_dict(pretrained.state_dict(folder, cfg, storage))
+    return model.to(device).eval()
+
+
 def load_tokenizer(uri: str, storage: StorageConfig | None = None):
     from tokenizers import Tokenizer
 

@@ -5,6 +5,7 @@ requested tasks can run offline, and lm-eval's results reduced to one number per
 lm-eval reads a local file with `dataset_path: json` and `dataset_kwargs.data_files`, but the path is only known
 at run time, so the folder is copied to a temporary directory with its `${NAME}` placeholders filled in; lm-eval's
 own ~14,000 built-in tasks are indexed only when a requested task is not one of ours (that scan costs ~8 s).
+Ours include the standard suite's tasks, lm-eval's definitions on local data (stages/evaluate/benchmarks.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lm_eval import utils as lm_utils
 
 from stages.core.config import PipelineConfig, StorageConfig
 from stages.core.storage import digest_of, open_uri
+from stages.evaluate import benchmarks
 
 TASKS_DIR = Path(__file__).resolve().parent / "task_yaml"
 _PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
@@ -161,7 +163,14 @@ def prepare_tasks(cfg: PipelineConfig, val_uri: str, tmp: Path) -> tuple[Path, P
             "DATASETS_CACHE": str(tmp / "datasets_cache"),
         },
     )
+    benchmarks.write_task_yamls(include / "benchmarks", cfg.evaluate.benchmark_data, str(tmp / "datasets_cache"))
     return include, docs_path, n_docs
+
+
+def requested_tasks(cfg: PipelineConfig) -> list[str]:
+    """evaluate.tasks, then the tasks of evaluate.suite not already among them."""
+    suite = benchmarks.SUITES[cfg.evaluate.suite] if cfg.evaluate.suite else []
+    return list(dict.fromkeys([*cfg.evaluate.tasks, *suite]))
 
 
 def available_tasks(include: Path, tasks: Iterable[str]) -> tuple[list[str], dict[str, str]]:

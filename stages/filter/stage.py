@@ -26,7 +26,7 @@ from stages.core import storage
 from stages.core.config import PipelineConfig
 from stages.core.documents import ShardWriter, read_docs
 from stages.core.stage import Build, Progress, Stage, StageResult, committed_shards, run_units
-from stages.filter import perplexity_model, quality_model, repetition, word_tokens
+from stages.filter import browse, perplexity_model, quality_model, repetition, word_tokens
 from stages.filter.rules import build_rules, first_rejection, language_of
 
 
@@ -226,4 +226,6 @@ STAGE = Stage(
     check=check,
     units=True,
     funnel="filter",
+    code_exclude=("browse.py",),  # (it reads the output, never makes it)
+    show=browse.artifacts,
 )

@@ -38,13 +38,18 @@ TOKEN_BYTES = 4  # int32 tokens in the LitData shards (stages/tokenize/stage.py)
 
 
 def vocab_size(cfg: PipelineConfig) -> int:
-    """The vocabulary the model will have: a given tokenizer's (tokenizer.path), else the size the tokenizer stage
-    trains to (byte-level BPE reaches it on any real corpus)."""
+    """The vocabulary the model will have: a Hugging Face base model's (train.initial_checkpoint), else a given
+    tokenizer's (tokenizer.path: a tokenizer.json or a tokenizer directory), else the size the tokenizer stage trains
+    to (byte-level BPE reaches it on any real corpus)."""
     from stages.core import storage
-    from stages.train.data import tokenizer_vocab_size_at
+    from stages.tokenizer.bpe import load_given
+    from stages.train import pretrained
 
+    start = cfg.train.initial_checkpoint
+    if start and pretrained.is_model_directory(start, cfg.storage):
+        return pretrained.read_model_config(start, cfg.storage)[1]
     if cfg.tokenizer.path and storage.exists(cfg.tokenizer.path, cfg.storage):
-        return tokenizer_vocab_size_at(cfg.tokenizer.path, cfg.storage)
+        return load_given(cfg.tokenizer.path, cfg.storage).get_vocab_size()
     return cfg.tokenizer.vocab_size
 
 

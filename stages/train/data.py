@@ -75,6 +75,21 @@ def tokenizer_vocab_size(cfg: PipelineConfig) -> int:
     return tokenizer_vocab_size_at(uri, cfg.storage)
 
 
+def model_vocab_size(cfg: PipelineConfig, tokens: int) -> int:
+    """The model's vocabulary: the tokenizer's `tokens`, or a Hugging Face base model's (train.initial_checkpoint)
+    when it is padded beyond them (rows no token id reaches, kept so that its weights load as they are)."""
+    from stages.train import pretrained
+
+    start = cfg.train.initial_checkpoint
+    if not start or not pretrained.is_model_directory(start, cfg.storage):
+        return tokens
+    _, vocab = pretrained.read_model_config(start, cfg.storage)
+    if vocab < tokens:
+        raise ValueError(f"train.initial_checkpoint {start}: its vocabulary is {vocab}, the run's tokenizer has "
+                         f"{tokens} (tokenizer.path: the model's own tokenizer)")  # fmt: skip
+    return vocab
+
+
 def tokenizer_vocab_size_at(uri: str, storage_cfg: StorageConfig | None) -> int:
     from tokenizers import Tokenizer
 

@@ -19,7 +19,9 @@ def load_val_batches(cfg: PipelineConfig, device: torch.device, data: str | None
     """A few validation batches of the run's dataset (or `data`), identical in count on every rank (FSDP forwards
     are collectives)."""
     uri = loader_lib.dataset_uri(cfg, "val", data)
-    if not storage.exists(storage.join(uri, loader_lib.INDEX), cfg.storage):
+    index = storage.join(uri, loader_lib.INDEX)
+    if not storage.exists(index, cfg.storage) or not storage.read_json(index, cfg.storage).get("chunks"):
+        # (a small corpus can leave the split empty, which litdata refuses to open)
         log(f"no validation data at {uri}: val_loss is not computed")
         return []
     loader = loader_lib.make_loader(cfg, "val", batch_size=1, shuffle=False, data=data)

@@ -1,11 +1,14 @@
-"""What a training run reports: rank 0's metrics.jsonl, the METRIC and SUMMARY lines the launcher parses, and
-the peak memory and FLOP/s figures they carry.
+"""What a training run reports: rank 0's metrics.jsonl and TensorBoard event files, the METRIC and SUMMARY lines
+the launcher parses, and the peak memory and FLOP/s figures they carry.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -14,14 +17,71 @@ from stages.core.config import PipelineConfig
 from stages.train import scaling
 from stages.train.checkpoints import METRICS
 
+TENSORBOARD = "tensorboard"  # the run folder's event files (`tensorboard --logdir RUN`), beside metrics.jsonl
+# The record's keys TensorBoard plots, by tag (the record's step is the global step). A mixture's per-source
+# validation losses go to val/loss/<source>.
+SCALARS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "train/tokens_per_s",
+    "val_loss": "val/loss",
+}
+
+
+class EventFiles:
+    """Rank 0's records as TensorBoard scalars in `{run}/tensorboard/`, through torch.utils.tensorboard's
+    SummaryWriter: straight into the run folder on a local disk; for an object store (which has no append) into a
+    local temporary folder whose event files are uploaded at each checkpoint and at the end, as metrics.jsonl is
+    rewritten then. A resumed run's writer starts a new event file with purge_step one past the step it resumes
+    from: TensorBoard then hides what an earlier attempt logged after its last checkpoint (steps this run logs
+    again, as metrics.jsonl drops their lines), and keeps that checkpoint's own step, which is not logged again."""
+
+    def __init__(self, cfg: PipelineConfig, run: str, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter  # (here: tensorboard and protobuf load only when used)
+
+        self.cfg = cfg
+        self.uri = storage.join(run, TENSORBOARD)
+        self.remote = storage.is_remote(self.uri)
+        self.folder = tempfile.mkdtemp(prefix="tensorboard-") if self.remote else storage.filesystem(self.uri)[1]
+        self.writer = SummaryWriter(self.folder, purge_step=start_step + 1)
+
+    def add(self, record: dict) -> None:
+        step = record["step"]
+        for key, tag in SCALARS.items():
+            if record.get(key) is not None:
+                self.writer.add_scalar(tag, record[key], step)
+        for source, loss in (record.get("val_loss_by_source") or {}).items():
+            self.writer.add_scalar(f"val/loss/{source}", loss, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote:
+            self._upload()
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.remote:
+            self._upload()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _upload(self) -> None:
+        """Every event file of this writer's folder (each whole: this run's own, and small)."""
+        for path in sorted(Path(self.folder).iterdir()):
+            dest = storage.join(self.uri, path.name)
+            with open(path, "rb") as src, storage.atomic_write(dest, self.cfg.storage) as f:
+                shutil.copyfileobj(src, f)
+
 
 class MetricsLog:
     """Rank 0's metrics.jsonl: one line per step, appended as they happen on a local disk; an object store has no
     append, so there the file is rewritten at each checkpoint and at the end. On start, lines after the step
-    being resumed from (left by a run that crashed after its last checkpoint) are dropped."""
+    being resumed from (left by a run that crashed after its last checkpoint) are dropped. With
+    `train.tensorboard`, the same records go to TensorBoard event files as well (EventFiles)."""
 
     def __init__(self, cfg: PipelineConfig, run: str, start_step: int):
         self.cfg = cfg
+        self.events: EventFiles | None = None
         self.uri = storage.join(run, METRICS)
         self.remote = storage.is_remote(self.uri)
         self.lines: list[str] = []
@@ -37,6 +97,8 @@ class MetricsLog:
         self._fh = None
         if not self.remote:
             self._fh = open(storage.filesystem(self.uri)[1], "a")
+        if cfg.train.tensorboard:
+            self.events = EventFiles(cfg, run, start_step)
 
     def append(self, record: dict) -> None:
         line = json.dumps(record)
@@ -44,13 +106,20 @@ class MetricsLog:
         if self._fh:
             self._fh.write(line + "\n")
             self._fh.flush()
+        if self.events:
+            self.events.add(record)
 
     def flush(self) -> None:
         if self.remote or not getattr(self, "_fh", None):
             with storage.atomic_write(self.uri, self.cfg.storage, "w") as f:
                 f.write("".join(line + "\n" for line in self.lines))
+        if self.events:
+            self.events.flush()
 
     def close(self) -> None:
+        if self.events:  # (first: flush() below then has no writer to flush and upload a second time)
+            self.events.close()
+            self.events = None
         if self._fh:
             self._fh.close()
             self._fh = None

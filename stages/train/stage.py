@@ -39,7 +39,7 @@ from stages.core.stage import Artifact, Force, OnProgress, Stage, Status, forced
 from stages.core.storage import StageOutput
 from stages.train import checkpoints, pretrained, report, scaling
 from stages.train.checkpoints import final_checkpoint
-from stages.train.data import check_mixture, data_digest, mixture_sources, tokenizer_vocab_size
+from stages.train.data import check_mixture, data_digest, mixture_sources, model_vocab_size, tokenizer_vocab_size
 from stages.train.protocol import LAUNCHER_PID_ENV, METRIC_PREFIX, SUMMARY_PREFIX, parse
 
 TAIL_LINES = 30
@@ -55,7 +55,8 @@ def resolved(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> PipelineC
     out = cfg.model_copy(deep=True)
     out.train.data = cfg.train.data.rstrip("/") if cfg.train.data else upstream["tokens"].uri
     if out.train.max_steps is None:
-        out.train.max_steps, _ = scaling.planned_steps(cfg.model, cfg.train, tokenizer_vocab_size(out))
+        vocab = model_vocab_size(out, tokenizer_vocab_size(out))
+        out.train.max_steps, _ = scaling.planned_steps(cfg.model, cfg.train, vocab)
         out.train.max_tokens = None
     return out
 

@@ -26,10 +26,12 @@ One file, torchtitan's shape at nanoGPT's size:
   background (`async_checkpoint`: DCP async_save on its own gloo group, meta.json once it has finished); the
   newest `keep_last` complete checkpoints are kept. DCP reshards on load: a checkpoint of N ranks loads on M.
 - start: `resume: auto` loads the latest complete checkpoint (not beyond the last step), `none` starts fresh, a
-  URI loads that checkpoint; otherwise `initial_checkpoint` gives starting weights only (continued pretraining);
+  URI loads that checkpoint; otherwise `initial_checkpoint` gives starting weights only (continued pretraining:
+  one of our checkpoints or a Hugging Face Llama directory, whose padded vocabulary, if any, the model keeps);
 - observability: rank 0 prints `METRIC {json}` per step (loss, lr, grad norm, tokens/s, FLOP/s, MFU on known
   GPUs, peak memory, validation loss every `val_every` steps) and `SUMMARY {json}` at the end (parsed by
-  `stages.train.stage`) and keeps `{root}/checkpoints/metrics.jsonl`.
+  `stages.train.stage`) and keeps the run folder's metrics.jsonl and, with `train.tensorboard`, TensorBoard event
+  files in its tensorboard/ (stages/train/metrics.py).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from stages.train import loader as loader_lib
 from stages.train import scaling
 from stages.train.checkpointer import Checkpointer, pick_resume
 from stages.train.checkpoints import step_uri
-from stages.train.data import mixture_sources, tokenizer_uri, tokenizer_vocab_size
+from stages.train.data import mixture_sources, model_vocab_size, tokenizer_uri, tokenizer_vocab_size
 from stages.train.feed import make_reader, source_counts, validation_sets
 from stages.train.metrics import MetricsLog, device_peak_flops, emit, peak_memory_mb
 from stages.train.mixture import DataExhausted, Mixture
@@ -354,7 +356,7 @@ class Trainer:
         if self.device.type == "cpu":  # (on CUDA the big tensors live in the caching allocator, which keeps them)
             keep_freed_memory()
         self.accum = accumulation_steps(t, self.world)
-        self.vocab_size = tokenizer_vocab_size(cfg)
+        self.vocab_size = model_vocab_size(cfg, tokenizer_vocab_size(cfg))  # (a base model may pad it)
         self.tokenizer_sha256, self.eos_id = read_tokenizer(cfg)
         self.max_steps, budget_source = scaling.planned_steps(cfg.model, t, self.vocab_size)
         self.flops_per_token = scaling.flops_per_token(cfg.model, self.vocab_size, t.seq_len)
