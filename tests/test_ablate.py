@@ -15,6 +15,9 @@ from stages.tools import ablate
 def test_a_variant_changes_the_data_only_and_every_config_is_checked_first(tmp_path):
     with pytest.raises(ValidationError, match=r"variant wide: model.dim: a variant changes the data"):
         ablate.Spec.model_validate({"variants": {"base": {}, "wide": {"model.dim": 256}}})
+    with pytest.raises(ConfigError, match=r"variant keys: storage.secret_access_key: a variant changes the data") as e:
+        ablate.load({"variants": {"keys": {"storage.secret_access_key": "Never-Echoed/7f3a"}}})
+    assert "Never-Echoed" not in str(e.value)  # (a value given is never repeated: it may be a credential)
     with pytest.raises(ValidationError, match="at least 2 items"):
         ablate.Spec.model_validate({"variants": {"base": {}}, "seeds": [1]})
     with pytest.raises(ValidationError, match="each seed once"):

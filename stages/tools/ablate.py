@@ -37,23 +37,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stages import pipeline
 from stages.core import parallel, storage
 from stages.core.config import ConfigError, PipelineConfig, load_config
 from stages.core.documents import read_docs
 from stages.core.stage import committed_shards
+from stages.core.storage import StageOutput
 from stages.tools.preflight import preflight
 
-# What a variant may change: the data stages' sections but the tokenizer's (every variant gets the reference's),
-# and where things run.
+# What a variant may change: the data stages' sections but the tokenizer's (every variant gets the reference's).
+# Not storage: the variants share one root (and a variant's overrides are shown in the artifacts, where a
+# credential must never be).
 DATA_SECTIONS = tuple(
     section
     for stage in pipeline.PIPELINE.dataset_part
     if stage is not pipeline.PIPELINE["tokenizer"]
     for section in stage.sections
-) + ("storage", "cluster")
+)
 METRIC = ("heldout_ppl", "bits_per_byte")  # lower is better; tokenizer-free
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}$")
 Execute = Callable[[PipelineConfig, tuple], dict]
@@ -105,7 +107,12 @@ class Ablation:
 def load(spec: Spec | dict, resolve: Callable[[PipelineConfig], PipelineConfig] = lambda c: c) -> Ablation:
     """Every variant's config loaded and checked (preflight) before any work: a bad one fails naming the variant.
     `resolve`: what the flow does to a config first (its credentials block)."""
-    spec = spec if isinstance(spec, Spec) else Spec.model_validate(spec)
+    if not isinstance(spec, Spec):
+        try:
+            spec = Spec.model_validate(spec)
+        except ValidationError as exc:  # (its messages without the values given: they may hold a credential)
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"ablation: {problems}") from None
     configs = {}
     for name, overrides in spec.variants.items():
         try:
@@ -132,7 +139,7 @@ def variant_config(ab: Ablation, name: str, tokenizer: str, heldout: str, seed: 
     return cfg
 
 
-def write_heldout(ab: Ablation, docs: pipeline.StageOutput) -> str:
+def write_heldout(ab: Ablation, docs: StageOutput) -> str:
     """The common held-out set: the first `heldout_docs` documents of the reference's deduplicated output whose id
     hashes into the eligible `heldout_permille` (shards read in order, only until there are enough)."""
     cfg, spec = ab.configs[ab.reference], ab.spec
