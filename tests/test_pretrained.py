@@ -157,3 +157,35 @@ def _bpe():
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"])
     tok.train_from_iterator(["a small text to train on"] * 10, trainer)
     return tok
+
+
+def test_a_model_directory_on_s3_gives_the_model_its_weights_and_its_tokenizer(tmp_path, s3_endpoint):
+    """model.from_pretrained: s3://...: config.json and the safetensors read through the storage layer (moto over
+    HTTP), and the tokenizer stage loads the directory's tokenizer.json."""
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.core.config import load_config
+    from stages.pipeline import PIPELINE
+    from stages.tokenizer.bpe import load
+
+    theirs, folder = llama(tmp_path, tie_word_embeddings=True)
+    PreTrainedTokenizerFast(tokenizer_object=_bpe(), eos_token="</s>").save_pretrained(folder)
+    client, bucket = s3_endpoint["client"], s3_endpoint["bucket"]
+    for path in sorted(p for p in (tmp_path / "hf").iterdir()):
+        client.put_object(Bucket=bucket, Key=f"models/tiny-llama/{path.name}", Body=path.read_bytes())
+    remote = f"s3://{bucket}/models/tiny-llama"
+    storage = {"storage.root": f"s3://{bucket}/run", "storage.endpoint_url": s3_endpoint["endpoint"],
+               "storage.region": "us-east-1", "storage.access_key_id": "testing",
+               "storage.secret_access_key": "testing"}  # fmt: skip
+    cfg = load_config("tiny", {"model.from_pretrained": remote, **storage})
+    assert cfg.train.initial_checkpoint == remote and cfg.tokenizer.path == f"{remote}/tokenizer.json"
+    assert cfg.tokenizer.eos_token == "</s>" and cfg.model.dim == 64
+    shape, vocab = pretrained.read_model_config(remote, cfg.storage)
+    ours = Transformer(shape, vocab)
+    ours.load_state_dict(pretrained.state_dict(remote, shape, cfg.storage))
+    tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours.eval()(tokens) - theirs(tokens).logits).abs().max().item() <= 1e-4
+    stats = PIPELINE.run("tokenizer", cfg, log=lambda _: None)
+    assert stats["vocab_size"] == _bpe().get_vocab_size()
+    assert load(PIPELINE.output("tokenizer", cfg)).encode("a small text").ids == _bpe().encode("a small text").ids

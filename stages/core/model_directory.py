@@ -116,7 +116,8 @@ def merge(data: dict, path: Path, overridden: dict[str, Any]) -> None:
     data["model"] = {**shape, "from_pretrained": folder}
     tokenizer = data.setdefault("tokenizer", {})
     if not tokenizer.get("path") or overridden.get("model.from_pretrained") and "tokenizer.path" not in overridden:
-        tokenizer["path"] = folder
+        # (a local directory loads through transformers' AutoTokenizer; on S3 its tokenizer.json is read)
+        tokenizer["path"] = storage.join(folder, "tokenizer.json") if storage.is_remote(folder) else folder
         eos = eos_token(folder, storage_cfg)
         if eos and "tokenizer.eos_token" not in overridden:
             tokenizer["eos_token"] = eos
