@@ -44,7 +44,7 @@ def ablate(
     summary = ablation.run(ab, execute, logger.info)
     where = f"{summary['uri']}: held-out {summary['heldout']}; {summary['verdict']}"
     create_table_artifact(key="ablation", table=ablation.table(summary), description=where)
-    png = ablation.plot_png(summary)
+    png = summary["png"]
     create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(), key="ablation-plot",
                           description=f"held-out {summary['metric']} per variant, each seed a dot")  # fmt: skip
     create_markdown_artifact(key="ablation-verdict", markdown=f"# Ablation\n\n{summary['verdict']}\n")

@@ -58,4 +58,4 @@ def test_plain_ablation_shares_stages_and_holds_out_one_set(tmp_path):
     assert 4 <= len(heldout) <= 100
     rows = ablate.table(summary)
     assert [r["variant"] for r in rows] == ["base", "looser-dedup"] and rows[1]["overrides"] == '{"dedup.bands": 10}'
-    assert ablate.plot_png(summary).startswith(b"\x89PNG")
+    assert summary["png"].startswith(b"\x89PNG") and open(summary["plot_uri"], "rb").read() == summary["png"]

@@ -82,11 +82,16 @@ BY_TASK = {b.task: b for b in BENCHMARKS}
 SUITES = {"standard": [b.task for b in BENCHMARKS]}
 
 
+def data_file(data_dir: str, task: str) -> str:
+    """Where a benchmark's local copy is (infra/fetch_models.py puts it there)."""
+    return str(Path(data_dir) / BY_TASK[task].filename)
+
+
 def missing(data_dir: str, tasks: list[str]) -> list[str]:
     """The data files of `tasks` absent or of the wrong size under `data_dir`."""
     out = []
     for task in tasks:
-        path = Path(data_dir) / BY_TASK[task].filename
+        path = Path(data_file(data_dir, task))
         if not path.is_file() or path.stat().st_size != BY_TASK[task].size:
             out.append(str(path))
     return out
@@ -111,13 +116,12 @@ def write_task_yamls(dest: Path, data_dir: str, cache_dir: str) -> None:
     """One YAML per benchmark under `dest`: lm-eval's definition, included by absolute path, with the local file."""
     dest.mkdir(parents=True, exist_ok=True)
     for b in BENCHMARKS:
-        data_file = str(Path(data_dir) / b.filename)
         keys = {
             "include": str(LM_EVAL_TASKS / b.definition),
             "task": b.task,
             "dataset_path": b.loader,
             "dataset_name": None,
-            "dataset_kwargs": {"data_files": {b.split: data_file}, "cache_dir": cache_dir},
+            "dataset_kwargs": {"data_files": {b.split: data_file(data_dir, b.task)}, "cache_dir": cache_dir},
             "training_split": None,  # (no train split here; every task runs zero-shot)
             **b.overrides,
         }
@@ -156,7 +160,7 @@ def provenance(data_dir: str, tasks: list[str], versions: dict[str, Any]) -> dic
     out = {}
     for task in tasks:
         b = BY_TASK[task]
-        path = str(Path(data_dir) / b.filename)
+        path = data_file(data_dir, task)
         digest = file_sha256(path)
         out[task] = {
             "version": versions.get(task),

@@ -160,7 +160,7 @@ def benchmark_identity(cfg: PipelineConfig) -> dict:
     present = [t for t in suite if not benchmarks.missing(data, [t])]  # (a missing one is skipped, see run_harness)
     return {
         "benchmarks": benchmarks.definitions_digest(),
-        "benchmark_data": {t: benchmarks.file_sha256(f"{data}/{benchmarks.BY_TASK[t].filename}") for t in present},
+        "benchmark_data": {t: benchmarks.file_sha256(benchmarks.data_file(data, t)) for t in present},
     }
 
 

@@ -195,9 +195,9 @@ def run(ab: Ablation, execute: Execute, log: Callable[[str], None] = print) -> d
     for (name, seed), stats in zip(pairs, runs):
         results[name]["runs"].append({"seed": seed, **stats})
     summary = summarize(ab, results, heldout)
-    save(ab, summary)
+    png = save(ab, summary)
     log(f"ablation: {summary['verdict']}")
-    return summary
+    return {**summary, "png": png}  # (the plot's bytes for an artifact: not in results.json)
 
 
 def proxy_run(cfg: PipelineConfig) -> dict:
@@ -312,8 +312,8 @@ def plot_png(summary: dict) -> bytes:
     return buf.getvalue()
 
 
-def save(ab: Ablation, summary: dict) -> None:
-    """results.json (the summary with every run's lineage) and ablation.png, beside the held-out set."""
+def save(ab: Ablation, summary: dict) -> bytes:
+    """results.json (the summary with every run's lineage) and ablation.png, beside the held-out set; the PNG."""
     from stages.tools import lineage
 
     cfg = ab.configs[ab.reference]
@@ -322,8 +322,9 @@ def save(ab: Ablation, summary: dict) -> None:
     png = plot_png(summary)
     with storage.atomic_write(storage.join(ab.uri, "ablation.png"), cfg.storage) as f:
         f.write(png)
-    storage.write_json(storage.join(ab.uri, "results.json"), summary, cfg.storage)
     summary["plot_uri"] = storage.join(ab.uri, "ablation.png")
+    storage.write_json(storage.join(ab.uri, "results.json"), summary, cfg.storage)
+    return png
 
 
 def run_plain(ab: Ablation, log: Callable[[str], None] = print) -> dict:
